@@ -1,0 +1,3 @@
+from unify_dist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Round checkpoints that survive a crash mid-write, and the JSONL metrics log.
+
+Each owner writes its own checkpoints (owners may sit on different machines with different disks):
+RUN_DIR/checkpoints/rank{R}/round_00007.pt. A file is written to a temporary name, fsynced, then renamed,
+so a reader sees either the old set or the complete new file. Everything is loaded with
+weights_only=True: a checkpoint holds tensors, numbers, strings and lists, never pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_atomic", "Checkpointer", "MetricsLog"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to `path` so that a crash at any instant leaves either no file or a whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself must reach the disk too
+
+
+class Checkpointer:
+    """One owner's round checkpoints: save, keep the newest `keep`, find the newest readable ones."""
+
+    def __init__(self, run_dir: Path, rank: int, keep: int, warn: Callable[[str], None]):
+        self.dir = run_dir / "checkpoints" / f"rank{rank}"
+        self.keep, self.warn = keep, warn
+
+    def path(self, round_: int) -> Path:
+        return self.dir / f"round_{round_:05d}.pt"
+
+    def rounds(self) -> list[int]:
+        """Rounds with a checkpoint file present, newest first (not yet checked for corruption)."""
+        if not self.dir.is_dir():
+            return []
+        found = [int(p.stem.split("_")[1]) for p in self.dir.glob("round_*.pt") if p.stem.split("_")[1].isdigit()]
+        return sorted(found, reverse=True)
+
+    def save(self, round_: int, state: dict[str, Any]) -> None:
+        save_atomic({**state, "round": round_}, self.path(round_))
+        for old in self.rounds()[self.keep :]:
+            self.path(old).unlink(missing_ok=True)
+
+    def load(self, round_: int) -> dict[str, Any] | None:
+        """The checkpoint of `round_`, or None (with a warning) if it is unreadable."""
+        try:
+            state = torch.load(self.path(round_), map_location="cpu", weights_only=True)
+            if state.get("round") != round_:
+                raise ValueError(f"file says round {state.get('round')}")
+            return state
+        except Exception as e:  # truncated zip, bad pickle, wrong content: all mean 'use an older one'
+            self.warn(f"checkpoint {self.path(round_)} is unreadable ({type(e).__name__}: {e}); using an older one")
+            return None
+
+    def readable_rounds(self) -> list[int]:
+        return [r for r in self.rounds() if self.load(r) is not None]
+
+    def clear(self) -> None:
+        for r in self.rounds():
+            self.path(r).unlink(missing_ok=True)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per round, appended and fsynced by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def keep_until(self, round_: int) -> None:
+        """Drop lines of rounds after `round_` (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("round", 0) <= round_]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,120 @@
+"""Process-group set-up, read once from the environment torchrun provides, and small agreement helpers.
+
+Only `init_context` reads RANK / WORLD_SIZE / LOCAL_RANK. Everything else receives the frozen Context.
+Without torchrun (no WORLD_SIZE), a one-owner group is made in-process so the same code path runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from unify_dist.config import DistConfig
+from unify_dist.errors import UserError
+
+__all__ = ["Context", "init_context", "shutdown", "agree", "stage", "CollectiveTimeout", "all_gather_floats"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who this process is in the group of owners, and where it computes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    timeout_s: float
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within dist.timeout_s: some owner stopped answering."""
+
+
+def _pick_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise UserError("dist.backend = 'nccl' needs CUDA, which this machine lacks; use --set dist.backend=gloo")
+    return requested
+
+
+def init_context(cfg: DistConfig) -> Context:
+    """Join the group torchrun describes (or make a group of one) and pick this rank's device."""
+    backend = _pick_backend(cfg.backend)
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs: "
+                "use --nproc_per_node no larger than the GPU count"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in env:
+            kw = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=timeout, **kw)
+        else:  # one owner, no launcher: an in-process store keeps every collective call valid
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Context(rank, world, local_rank, local_world, device, backend, cfg.timeout_s)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stage(name: str, ctx: Context) -> Iterator[None]:
+    """Name the collective step, so a timeout says where every rank was waiting, not just 'timed out'."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timeout" in text or "timed out" in text or "connection closed" in text or "connection reset" in text:
+            raise CollectiveTimeout(
+                f"rank {ctx.rank}: collective '{name}' failed after waiting up to dist.timeout_s = "
+                f"{ctx.timeout_s:g}s: another owner stopped answering or died ({str(e).splitlines()[0][:160]})"
+            ) from e
+        raise
+
+
+def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:
+    """Every rank's small float vector, on every rank (one all_gather of len(values) doubles)."""
+    mine = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]  # host sync: these figures go to the table and the JSONL
+
+
+def agree(error: str | None, ctx: Context, what: str) -> None:
+    """Raise the same UserError on every rank if any rank failed `what`, naming those ranks.
+
+    Every rank must call this (it is a collective): a failure seen by one owner must stop all of them,
+    not leave the others waiting in the next collective until the timeout.
+    """
+    flags = all_gather_floats([0.0 if error is None else 1.0], ctx)
+    failed = [r for r, (f,) in enumerate(flags) if f]
+    if not failed:
+        return
+    if error is not None:
+        raise UserError(error)
+    raise UserError(f"{what} failed on rank(s) {failed}; see that rank's message (this is rank {ctx.rank})")

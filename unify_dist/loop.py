@@ -1,0 +1,243 @@
+"""The round loop, as in the paper: same start; do { train locally; unify; evaluate } until every owner
+reaches the target accuracy or the rounds run out.
+
+Every rank runs this same function. Collectives are marked; none sits under a rank condition.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unify_dist.checkpoint import Checkpointer, MetricsLog, save_atomic
+from unify_dist.config import RunConfig
+from unify_dist.consistency import check_consistency, fingerprint
+from unify_dist.console import Reporter
+from unify_dist.data import OwnerData, load_owner_data, prepare_dataset
+from unify_dist.distributed import Context, agree, all_gather_floats, stage
+from unify_dist.errors import UserError
+from unify_dist.flat import FlatState
+from unify_dist.models import build_model
+from unify_dist.train import count_correct, epoch_generator, make_optimizer, per_class_correct, train_epoch
+from unify_dist.unify import Unifier, tail_size, verify_identical
+
+__all__ = ["run"]
+
+
+def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
+    """Train and unify for up to cfg.train.max_rounds rounds; returns the per-round records."""
+    out = Reporter(ctx.rank, cfg.output.progress, cfg.output.all_ranks)
+    run_dir = Path(cfg.output.dir)
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+    torch.manual_seed(cfg.train.seed)
+    out.info(
+        f"unify-dist: {ctx.world_size} owners, backend {ctx.backend}, rule {cfg.unify.rule}, "
+        f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {run_dir}"
+    )
+
+    data = _load_data(cfg, ctx)
+    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
+    flat = FlatState(model, tail=tail_size(ctx.world_size))
+    with stage("consistency check", ctx):
+        check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
+
+    # Same start everywhere: rank 0's initial weights, then proven identical.
+    with stage("broadcast initial weights", ctx):
+        dist.broadcast(flat.buffer, src=0)  # collective
+        dist.broadcast(flat.ints, src=0)
+        verify_identical(flat)  # collective
+    optimizer = make_optimizer(model, cfg.train)
+    unifier = Unifier(flat, cfg.unify)
+    ckpt = Checkpointer(run_dir, ctx.rank, cfg.output.keep_checkpoints, out.warn)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+    records: list[dict[str, Any]] = []
+    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, records, out)
+    metrics.keep_until(start)
+    out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
+
+    for round_ in range(start + 1, cfg.train.max_rounds + 1):
+        # 1. Train locally, on this owner's data only.
+        loss = _train_locally(cfg, ctx, model, optimizer, data, round_, out)
+        local_val = count_correct(model, data.val)
+        local_pc = per_class_correct(model, data.test, data.num_classes)
+
+        # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
+        candidates = _candidates(cfg, ctx, flat, unifier, model, data, round_)
+        t0 = time.perf_counter()
+        with stage(f"unify ({cfg.unify.rule}) in round {round_}", ctx):
+            outcome = unifier.unify_(cfg.unify.rule, weight=float(len(data.train)))  # collective
+        unify_s = time.perf_counter() - t0
+        with stage(f"digest check in round {round_}", ctx):
+            digests = verify_identical(flat)  # collective: every rank now holds the same bits
+        for r in outcome.skipped:
+            out.warn(f"round {round_}: owner {r} had non-finite weights and was left out of this unify")
+        if cfg.train.optimizer_state == "reset":
+            optimizer = make_optimizer(model, cfg.train)
+
+        # 3. Evaluate the unified model on every owner's validation split and test shard.
+        unified_val = count_correct(model, data.val)
+        unified_pc = per_class_correct(model, data.test, data.num_classes)
+        mine = [len(data.train), loss, *local_val, *unified_val, unify_s, *candidates]
+        mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
+        with stage(f"metrics gather in round {round_}", ctx):
+            gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
+        record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
+        records.append(record)
+        out.round_row(record)
+        metrics.append(record)
+        ckpt.save(round_, _state(cfg, model, optimizer, records))
+
+        # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
+        if cfg.train.target_accuracy and record["min_unified_val_acc"] >= cfg.train.target_accuracy:
+            out.info(f"every owner reached {cfg.train.target_accuracy:.2%} validation accuracy in round {round_}")
+            break
+
+    if ctx.is_main:
+        save_atomic(_state(cfg, model, None, records), run_dir / "final.pt")
+        out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
+    return records
+
+
+def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
+    """One process per machine fetches or unpacks the files; then every owner loads its own share.
+
+    Failures are agreed on (a collective) so that one owner's missing files stop everyone at once.
+    """
+    error = None
+    if ctx.local_rank == 0:
+        try:
+            prepare_dataset(cfg.data)
+        except UserError as e:
+            error = str(e)
+    with stage("dataset preparation", ctx):
+        agree(error, ctx, "preparing the dataset")
+    data, error = None, None
+    try:
+        data = load_owner_data(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ctx.device)
+    except UserError as e:
+        error = str(e)
+    with stage("dataset loading", ctx):
+        agree(error, ctx, "loading the owner's data")
+    assert data is not None
+    return data
+
+
+def _train_locally(cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out) -> float:
+    batches = -(-len(data.train) // cfg.train.batch_size) * cfg.train.local_epochs
+    loss = 0.0
+    with out.progress(f"round {round_}: local training", batches) as advance:
+        for epoch in range(cfg.train.local_epochs):
+            g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
+            loss = train_epoch(model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance)
+    return loss
+
+
+def _candidates(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, model, data, round_: int) -> list[float]:
+    """Side-by-side mode: each compared rule's unified model, evaluated, then the local model restored.
+
+    Costs one unify and one evaluation per compared rule; returns [val c, val t, test c, test t] per rule.
+    """
+    if not cfg.unify.compare:
+        return []
+    local, local_ints = flat.values.clone(), flat.ints.clone()
+    figures: list[float] = []
+    for rule in cfg.unify.compare:
+        with stage(f"side-by-side unify ({rule}) in round {round_}", ctx):
+            unifier.unify_(rule, weight=float(len(data.train)))  # collective
+        figures += [*count_correct(model, data.val), *count_correct(model, data.test)]
+        flat.values.copy_(local)
+        flat.ints.copy_(local_ints)
+    return figures
+
+
+_BASE = ["n_train", "loss", "local_val_c", "local_val_t", "unified_val_c", "unified_val_t", "unify_s"]
+
+
+def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: list[str], skipped: list[int], n_classes: int) -> dict[str, Any]:
+    """Turn every owner's gathered figures into the round's JSON record."""
+    owners, rest = [], []
+    for rank, row in enumerate(gathered):
+        base = dict(zip(_BASE, row[: len(_BASE)]))
+        rest.append(row[len(_BASE) :])
+        owners.append({
+            "rank": rank,
+            "n_train": int(base["n_train"]),
+            "loss": base["loss"],
+            "local_val_acc": base["local_val_c"] / max(base["local_val_t"], 1),
+            "unified_val_acc": base["unified_val_c"] / max(base["unified_val_t"], 1),
+            "unify_s": base["unify_s"],
+            "digest": digests[rank],
+        })  # fmt: skip
+    k = 4 * len(cfg.unify.compare)
+    candidates = {}
+    for i, rule in enumerate(cfg.unify.compare):
+        c = [sum(r[4 * i + j] for r in rest) for j in range(4)]
+        vals = [r[4 * i] / max(r[4 * i + 1], 1) for r in rest]
+        candidates[rule] = {"test_acc": c[2] / max(c[3], 1), "min_val_acc": min(vals)}
+    pcs = [r[k:] for r in rest]  # local correct, local total, unified correct, unified total (C each)
+    C = n_classes
+    unified_c = [sum(p[2 * C + c] for p in pcs) for c in range(C)]
+    unified_t = [sum(p[3 * C + c] for p in pcs) for c in range(C)]
+    return {
+        "round": round_,
+        "rule": cfg.unify.rule,
+        "name": cfg.name,
+        "owners": owners,
+        "skipped": skipped,
+        "min_unified_val_acc": min(o["unified_val_acc"] for o in owners),
+        # Global test accuracy: every owner's correct/total counts summed; no test image moved.
+        "unified_test_acc": sum(unified_c) / max(sum(unified_t), 1),
+        "candidates": candidates,
+        "per_class": {
+            "local": [[p[c] / max(p[C + c], 1) for c in range(C)] for p in pcs],
+            "unified": [unified_c[c] / max(unified_t[c], 1) for c in range(C)],
+        },
+        "digest": digests[0],
+        "time": time.time(),
+    }
+
+
+def _state(cfg: RunConfig, model: nn.Module, optimizer, records: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": records}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["rng"] = {"torch": torch.get_rng_state()}
+    return state
+
+
+def _resume(
+    cfg: RunConfig, ctx: Context, ckpt: Checkpointer, flat: FlatState, model, optimizer, records: list, out: Reporter
+) -> int:
+    """Continue from the newest round that every owner has a readable checkpoint of (0: start fresh).
+
+    A collective (all_gather_object of each owner's readable rounds): every rank calls it.
+    """
+    if not cfg.output.resume:
+        ckpt.clear()
+        return 0
+    mine = ckpt.readable_rounds()
+    everyone: list[list[int] | None] = [None] * ctx.world_size
+    with stage("resume agreement", ctx):
+        dist.all_gather_object(everyone, mine)
+    common = set(everyone[0] or [])
+    for rounds in everyone[1:]:
+        common &= set(rounds or [])
+    if not common:
+        return 0
+    round_ = max(common)
+    state = ckpt.load(round_)
+    assert state is not None  # readable a moment ago
+    model.load_state_dict(state["model"])  # copies in place: the flat views stay intact
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    records.extend(state["metrics"])
+    with stage("resume digest check", ctx):
+        verify_identical(flat)  # collective
+    out.info(f"resumed from round {round_} (every owner had it)")
+    return round_
