@@ -1,0 +1,72 @@
+"""Real process groups for tests: `run_world(fn, world_size, *args)` runs fn(rank, world_size, *args)
+in `world_size` spawned processes joined in a gloo group, and returns each rank's return value.
+
+No collective is mocked: the processes talk through gloo over loopback TCP, as owners would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        result: Any = fn(rank, world_size, *args)
+    except BaseException as e:  # ship the failure back to the test, with its traceback
+        result = RuntimeError(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_world(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+    """Run fn(rank, world_size, *args) on every rank of a fresh gloo group; re-raise any rank's error."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    for r in results:
+        if isinstance(r, RuntimeError) and str(r).startswith("rank "):
+            raise r
+    return results
+
+
+def torchrun(
+    cli_args: list[str], nproc: int = 2, timeout: float = 300, env: dict[str, str] | None = None, extra: list[str] | None = None
+):
+    """Run `torchrun --standalone --nproc_per_node=N -m unify_dist CLI_ARGS` as a subprocess; return it completed."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *(extra or [])]
+    cmd += ["-m", "unify_dist", *cli_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = None):
+    """Run `python -m unify_dist CLI_ARGS` in one process (no torchrun); return it completed."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "unify_dist", *cli_args], capture_output=True, text=True, timeout=timeout, env=full_env)
