@@ -25,6 +25,8 @@ class Reporter:
         self.enabled = rank == 0 or all_ranks
         self.show_progress = progress and self.enabled and rank == 0
         self.console = Console(highlight=False, soft_wrap=True)
+        if not self.console.is_terminal:  # logs and pipes: never squeeze the table into 80 columns
+            self.console = Console(highlight=False, soft_wrap=True, width=240)
         self._prefix = f"[rank {rank}] " if all_ranks else ""
         self._header_done = False
 
@@ -52,8 +54,8 @@ class Reporter:
         if not self.enabled:
             return
         owners = record["owners"]
-        table = Table(show_header=not self._header_done, box=None, pad_edge=False)
-        table.add_column("round", justify="right", width=6)
+        table = Table(show_header=not self._header_done, box=None, pad_edge=False, expand=False)
+        table.add_column("round", justify="right", width=6, no_wrap=True)
         for o in owners:
             table.add_column(f"local o{o['rank']}", justify="right", width=_COLUMNS)
         table.add_column("unified val", justify="right", width=_COLUMNS)
