@@ -21,7 +21,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,rule", [(2, "avg"), (3, "absmax")])
+@pytest.mark.parametrize("nproc,rule", [(2, "avg"), (3, "absmax"), (2, "auto")])
 def test_owners_learn_with_identical_weights(tmp_path: Path, data_root, nproc: int, rule: str) -> None:
     args = ["train", "--config", "configs/demo_cpu.toml", *SMALL, "--set", f"unify.rule={rule}"]
     proc = torchrun([*args, "--set", f"output.dir={tmp_path}"], nproc=nproc)
@@ -32,6 +32,7 @@ def test_owners_learn_with_identical_weights(tmp_path: Path, data_root, nproc: i
         assert len(r["owners"]) == nproc
         assert len({o["digest"] for o in r["owners"]}) == 1
     assert records[-1]["unified_test_acc"] > 0.6  # chance is 0.1
+    assert all(r["rule_used"] in ({"avg", "max", "absmax"} if rule == "auto" else {rule}) for r in records)
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     assert final["metrics"][-1]["digest"] == records[-1]["digest"]
     assert final["config"]["unify"]["rule"] == rule

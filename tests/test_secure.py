@@ -71,3 +71,5 @@ def test_privacy_statement_names_the_consequence() -> None:
     assert "sum of all 4" in privacy_statement("secure_avg", 4)
     assert "Masks cannot hide" in privacy_statement("max", 3)
     assert "all_gather" in privacy_statement("median", 3)
+    auto = privacy_statement("auto", 2, candidates=("avg", "max"))
+    assert "peer's weights exactly" in auto and "Masks cannot hide" in auto

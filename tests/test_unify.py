@@ -12,7 +12,10 @@ from unify_dist.flat import FlatState
 from unify_dist.rules import RULES
 from unify_dist.unify import Unifier, tail_size, verify_identical
 
-CASES = [("avg", "reduce"), ("weighted_avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather")]
+CASES = [
+    ("avg", "reduce"), ("weighted_avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather"),
+    ("secure_avg", "reduce"),
+]  # fmt: skip
 EXACT = {"max", "absmax"}
 
 
@@ -22,14 +25,14 @@ def _model(rank: int) -> nn.Module:
     model = nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     with torch.no_grad():
         model[1].running_mean.normal_()
-        model[1].num_batches_tracked.fill_(10 * rank)
+        model[1].num_batches_tracked.fill_(10 * rank + (rank == 1) * (3 << 24))  # beyond float32's exact range
         model[2].weight[0, 0] = 0.75 * (-1) ** rank  # an exact +/- magnitude tie, for absmax's tie rule
     return model
 
 
 def _unify(rank: int, world: int, rule: str, impl: str) -> dict:
     model = _model(rank)
-    flat = FlatState(model, tail=tail_size(world))
+    flat = FlatState(model, tail=tail_size(world, model))  # integer buffers ride in the tail
     before = flat.values.clone()
     unifier = Unifier(flat, UnifyConfig(rule=rule, absmax_impl=impl, chunk_elements=16))  # many chunks
     outcome = unifier.unify_(rule, weight=float(rank + 1))
@@ -53,7 +56,7 @@ def test_collective_matches_reference(rule: str, impl: str, world: int) -> None:
         assert torch.equal(r["after"], results[0]["after"])  # bit-identical on every rank
         assert r["digests"] == [results[0]["digests"][0]] * world
         assert r["skipped"] == []
-        assert r["ints"].tolist() == [10 * (world - 1)]  # integer buffers take the max
+        assert r["ints"].tolist() == [(3 << 24) + 10]  # integer buffers take the max, exactly
     # the unified values really are inside the model, not only in the buffer
     first = results[0]
     assert torch.equal(first["state"]["0.weight"].flatten(), first["after"][: 7 * 5])

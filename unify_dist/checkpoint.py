@@ -60,6 +60,9 @@ class Checkpointer:
         save_atomic({**state, "round": round_}, self.path(round_))
         for old in self.rounds()[self.keep :]:
             self.path(old).unlink(missing_ok=True)
+        for tmp in self.dir.glob(".round_*.pt.tmp*"):  # left by a process killed mid-write; only we write here
+            if not tmp.name.endswith(f".tmp{os.getpid()}"):
+                tmp.unlink(missing_ok=True)
 
     def load(self, round_: int) -> dict[str, Any] | None:
         """The checkpoint of `round_`, or None (with a warning) if it is unreadable."""
@@ -69,7 +72,8 @@ class Checkpointer:
                 raise ValueError(f"file says round {state.get('round')}")
             return state
         except Exception as e:  # truncated zip, bad pickle, wrong content: all mean 'use an older one'
-            self.warn(f"checkpoint {self.path(round_)} is unreadable ({type(e).__name__}: {e}); using an older one")
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""  # warnings stay one line
+            self.warn(f"checkpoint {self.path(round_)} is unreadable ({type(e).__name__}: {first}); using an older one")
             return None
 
     def readable_rounds(self) -> list[int]:

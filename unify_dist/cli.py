@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # argparse's REMAINDER rejects a leading option (bench --quick): pass all on after "--"
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -80,4 +83,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(line: str) -> None:
-    print(line.replace("\n", " "), file=sys.stderr, flush=True)
+    sys.stderr.write(line.replace("\n", " ") + "\n")  # one write: lines of ranks printing at once stay whole
+    sys.stderr.flush()

@@ -129,6 +129,8 @@ class TrainConfig:
     """Stop when every owner's unified validation accuracy reaches this (0: never stop early)."""
     threads: int = 0
     """torch threads per owner process (0: the machine's cores divided by the local owner count)."""
+    fedprox_mu: float = 0.0
+    """FedProx: add mu/2 * ||w - w_unified||^2 to the local loss, so owners stay near the unified model (0: off)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -148,13 +150,15 @@ class TrainConfig:
             out.append(f"train.target_accuracy is a fraction in [0, 1], got {self.target_accuracy}")
         if self.threads < 0 or self.momentum < 0 or self.weight_decay < 0:
             out.append("train.threads, train.momentum and train.weight_decay must be >= 0")
+        if self.fedprox_mu < 0:
+            out.append(f"train.fedprox_mu must be >= 0 (0: off), got {self.fedprox_mu}")
         return out
 
 
 @dataclass(frozen=True)
 class UnifyConfig:
     rule: str = "avg"
-    """How owners' weights become one: avg, weighted_avg, max, absmax (see unify_dist.rules)."""
+    """How owners' weights become one: avg, weighted_avg, max, absmax, median, trimmed_mean, ties (unify_dist.rules)."""
     absmax_impl: str = "reduce"
     """absmax through one all_reduce MAX of [x, -x] (reduce) or a chunked all_gather (gather)."""
     chunk_elements: int = 1 << 20
@@ -163,20 +167,45 @@ class UnifyConfig:
     """An owner with NaN/Inf weights: fail (stop, naming owner and tensor) or skip it this round."""
     compare: list[str] = field(default_factory=list)
     """Side-by-side: rules whose unified candidates are also evaluated each round (the paper's rows)."""
+    space: str = "weights"
+    """weights (the paper) or delta: rules combine each owner's update since the last unified model,
+    unified = previous + rule(updates). The rule ties always works on updates."""
+    trim_fraction: float = 0.25
+    """trimmed_mean: share of owners dropped at each end, per element (floor(trim_fraction * owners))."""
+    ties_density: float = 0.2
+    """ties: share of each owner's update entries kept (the largest by magnitude) before the sign vote."""
+    update_norm_bound: float = 0.0
+    """Clip each owner's update (weights - previous unified weights) to this L2 norm before any rule (0: off)."""
+    server_momentum: float = 0.0
+    """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off)."""
+    server_lr: float = 1.0
+    """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied."""
 
     def problems(self) -> list[str]:
         from unify_dist.rules import RULES  # late: rules import nothing from config
 
         out = []
         for name in [self.rule, *self.compare]:
-            if name not in RULES:
-                out.append(_choice("unify.rule", name, tuple(RULES)))
+            if name not in RULES and not (name == "auto" and name == self.rule):
+                out.append(_choice("unify.rule", name, (*RULES, "auto")))
         if self.absmax_impl not in ("reduce", "gather"):
             out.append(_choice("unify.absmax_impl", self.absmax_impl, ("reduce", "gather")))
         if self.nonfinite not in ("fail", "skip"):
             out.append(_choice("unify.nonfinite", self.nonfinite, ("fail", "skip")))
         if self.chunk_elements <= 0:
             out.append(f"unify.chunk_elements must be > 0, got {self.chunk_elements}")
+        if self.space not in ("weights", "delta"):
+            out.append(_choice("unify.space", self.space, ("weights", "delta")))
+        if not 0 <= self.trim_fraction < 0.5:
+            out.append(f"unify.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if not 0 < self.ties_density <= 1:
+            out.append(f"unify.ties_density must be in (0, 1], got {self.ties_density}")
+        if self.update_norm_bound < 0:
+            out.append(f"unify.update_norm_bound must be >= 0 (0: off), got {self.update_norm_bound}")
+        if not 0 <= self.server_momentum < 1:
+            out.append(f"unify.server_momentum must be in [0, 1), got {self.server_momentum}")
+        if self.server_lr <= 0:
+            out.append(f"unify.server_lr must be > 0, got {self.server_lr}")
         return out
 
 

@@ -36,7 +36,8 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         """Warnings reach stderr from every rank: one owner's trouble must not be hidden."""
-        print(f"unify-dist: warning (rank {self.rank}): {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"unify-dist: warning (rank {self.rank}): {message}\n")  # one write: lines stay whole
+        sys.stderr.flush()
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[], None]]:
@@ -62,12 +63,15 @@ class Reporter:
         table.add_column("unified test", justify="right", width=_COLUMNS)
         for name in record.get("candidates", {}):
             table.add_column(f"test {name}", justify="right", width=_COLUMNS)
+        if record["rule"] == "auto":
+            table.add_column("picked", width=_COLUMNS)
         table.add_column("unify ms", justify="right", width=9)  # fastest owner: the others also waited for it
         table.add_column("digest", width=17)
         cells = [str(record["round"])]
         cells += [f"{o['local_val_acc']:.2%}" for o in owners]
         cells += [f"{record['min_unified_val_acc']:.2%}", f"{record['unified_test_acc']:.2%}"]
         cells += [f"{c['test_acc']:.2%}" for c in record.get("candidates", {}).values()]
+        cells += [record["rule_used"]] if record["rule"] == "auto" else []
         cells += [f"{1000 * min(o['unify_s'] for o in owners):.1f}", record["digest"]]
         table.add_row(*cells)
         self.console.print(table)

@@ -17,7 +17,7 @@ from torch import Tensor
 from unify_dist.config import DataConfig
 from unify_dist.errors import UserError
 
-__all__ = ["Split", "OwnerData", "partition", "prepare_dataset", "load_owner_data", "TORCHVISION_SETS"]
+__all__ = ["Split", "OwnerData", "partition", "check_owner_count", "prepare_dataset", "load_owner_data", "TORCHVISION_SETS"]
 
 # name -> (torchvision class, folder under root, channels, side, classes, per-channel mean, std)
 TORCHVISION_SETS = {
@@ -93,6 +93,17 @@ def _torchvision_class(name: str):
     import torchvision.datasets as tvd
 
     return getattr(tvd, TORCHVISION_SETS[name][0])
+
+
+def check_owner_count(cfg: DataConfig, owners: int) -> None:
+    """Refuse, before any file is read, an owner count the partition cannot serve."""
+    if cfg.partition == "label_split" and cfg.dataset in TORCHVISION_SETS:
+        classes = TORCHVISION_SETS[cfg.dataset][4]
+        if owners > classes:
+            raise UserError(
+                f"label_split gives each owner a block of classes, but {owners} owners > {classes} classes "
+                f"in {cfg.dataset}; use fewer owners or partition = 'dirichlet'"
+            )
 
 
 def prepare_dataset(cfg: DataConfig) -> None:

@@ -71,10 +71,21 @@ def init_context(cfg: DistConfig) -> Context:
     if not dist.is_initialized():
         if "WORLD_SIZE" in env:
             kw = {"device_id": device} if backend == "nccl" else {}
-            dist.init_process_group(backend, timeout=timeout, **kw)
+            store = _attempt_store(timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
         else:  # one owner, no launcher: an in-process store keeps every collective call valid
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Context(rank, world, local_rank, local_world, device, backend, cfg.timeout_s)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """The launcher's store, under a prefix unique to this restart attempt (torchrun --max-restarts).
+
+    torchrun keeps one store for all attempts; without the prefix, a restarted group can read the dead
+    group's addresses from it and fail to connect ("Connection refused") instead of resuming.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"unify_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:

@@ -15,15 +15,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unify_dist import faults
 from unify_dist.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.config import RunConfig
 from unify_dist.consistency import check_consistency, fingerprint
 from unify_dist.console import Reporter
-from unify_dist.data import OwnerData, load_owner_data, prepare_dataset
+from unify_dist.data import OwnerData, check_owner_count, load_owner_data, prepare_dataset
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
+from unify_dist.privacy import privacy_statement
+from unify_dist.prox import proximal_term
 from unify_dist.train import count_correct, epoch_generator, make_optimizer, per_class_correct, train_epoch
 from unify_dist.unify import Unifier, tail_size, verify_identical
 
@@ -41,9 +44,11 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
         f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {run_dir}"
     )
 
+    candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
+    out.info(privacy_statement(cfg.unify.rule, ctx.world_size, cfg.unify.absmax_impl, candidates))
     data = _load_data(cfg, ctx)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
-    flat = FlatState(model, tail=tail_size(ctx.world_size))
+    flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
 
@@ -57,7 +62,7 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
     ckpt = Checkpointer(run_dir, ctx.rank, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     records: list[dict[str, Any]] = []
-    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, records, out)
+    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, unifier, records, out)
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
@@ -69,9 +74,11 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
 
         # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
         candidates = _candidates(cfg, ctx, flat, unifier, model, data, round_)
+        faults.before_unify(ctx.rank, round_, flat)  # test hook (UNIFY_DIST_FAULT); no-op when unset
+        rule = _auto_pick(cfg, ctx, flat, unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
         t0 = time.perf_counter()
-        with stage(f"unify ({cfg.unify.rule}) in round {round_}", ctx):
-            outcome = unifier.unify_(cfg.unify.rule, weight=float(len(data.train)))  # collective
+        with stage(f"unify ({rule}) in round {round_}", ctx):
+            outcome = unifier.unify_(rule, weight=float(len(data.train)))  # collective
         unify_s = time.perf_counter() - t0
         with stage(f"digest check in round {round_}", ctx):
             digests = verify_identical(flat)  # collective: every rank now holds the same bits
@@ -88,10 +95,11 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
         with stage(f"metrics gather in round {round_}", ctx):
             gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
         record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
+        record["rule_used"] = rule
         records.append(record)
         out.round_row(record)
         metrics.append(record)
-        ckpt.save(round_, _state(cfg, model, optimizer, records))
+        ckpt.save(round_, {**_state(cfg, model, optimizer, records), "unifier": unifier.state_dict()})
 
         # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
         if cfg.train.target_accuracy and record["min_unified_val_acc"] >= cfg.train.target_accuracy:
@@ -109,6 +117,7 @@ def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
 
     Failures are agreed on (a collective) so that one owner's missing files stop everyone at once.
     """
+    check_owner_count(cfg.data, ctx.world_size)  # the same verdict on every rank: no agreement needed
     error = None
     if ctx.local_rank == 0:
         try:
@@ -131,10 +140,11 @@ def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
 def _train_locally(cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out) -> float:
     batches = -(-len(data.train) // cfg.train.batch_size) * cfg.train.local_epochs
     loss = 0.0
+    prox = proximal_term(model, cfg.train.fedprox_mu)  # FedProx: stay near the unified start (None: off)
     with out.progress(f"round {round_}: local training", batches) as advance:
         for epoch in range(cfg.train.local_epochs):
             g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
-            loss = train_epoch(model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance)
+            loss = train_epoch(model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox)
     return loss
 
 
@@ -149,11 +159,40 @@ def _candidates(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier,
     figures: list[float] = []
     for rule in cfg.unify.compare:
         with stage(f"side-by-side unify ({rule}) in round {round_}", ctx):
-            unifier.unify_(rule, weight=float(len(data.train)))  # collective
+            unifier.unify_(rule, weight=float(len(data.train)), commit=False)  # collective; keeps anchor/momentum
         figures += [*count_correct(model, data.val), *count_correct(model, data.test)]
         flat.values.copy_(local)
         flat.ints.copy_(local_ints)
     return figures
+
+
+AUTO_DEFAULT = ("avg", "max", "absmax")
+
+
+def _auto_pick(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, model, data, round_: int) -> str:
+    """rule = auto: every candidate's unified model scored on every owner's private validation split.
+
+    Per-class correct/total counts are summed over owners (one all_reduce), so every rank computes the
+    same balanced accuracies and picks the same winner (ties: the earlier candidate). A serverless
+    greedy soup; no validation image leaves its owner.
+    """
+    rules = list(cfg.unify.compare) or list(AUTO_DEFAULT)
+    local, local_ints = flat.values.clone(), flat.ints.clone()
+    counts: list[int] = []
+    for rule in rules:
+        with stage(f"auto candidate ({rule}) in round {round_}", ctx):
+            unifier.unify_(rule, weight=float(len(data.train)), commit=False)  # collective
+        correct, total = per_class_correct(model, data.val, data.num_classes)
+        counts += correct + total
+        flat.values.copy_(local)
+        flat.ints.copy_(local_ints)
+    summed = torch.tensor(counts, dtype=torch.float64, device=ctx.device)
+    with stage(f"auto vote in round {round_}", ctx):
+        dist.all_reduce(summed)  # collective: the same counts, so the same choice, on every rank
+    per_rule = summed.view(len(rules), 2, data.num_classes)
+    seen = per_rule[0, 1] > 0
+    scores = (per_rule[:, 0, seen] / per_rule[:, 1, seen]).mean(1).tolist()  # balanced validation accuracy
+    return rules[max(range(len(rules)), key=lambda i: (scores[i], -i))]
 
 
 _BASE = ["n_train", "loss", "local_val_c", "local_val_t", "unified_val_c", "unified_val_t", "unify_s"]
@@ -212,7 +251,15 @@ def _state(cfg: RunConfig, model: nn.Module, optimizer, records: list[dict[str, 
 
 
 def _resume(
-    cfg: RunConfig, ctx: Context, ckpt: Checkpointer, flat: FlatState, model, optimizer, records: list, out: Reporter
+    cfg: RunConfig,
+    ctx: Context,
+    ckpt: Checkpointer,
+    flat: FlatState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    unifier: Unifier,
+    records: list,
+    out: Reporter,
 ) -> int:
     """Continue from the newest round that every owner has a readable checkpoint of (0: start fresh).
 
@@ -235,6 +282,7 @@ def _resume(
     assert state is not None  # readable a moment ago
     model.load_state_dict(state["model"])  # copies in place: the flat views stay intact
     optimizer.load_state_dict(state["optimizer"])
+    unifier.load_state_dict(state.get("unifier", {}))  # anchor and momentum of delta-space options
     torch.set_rng_state(state["rng"]["torch"])
     records.extend(state["metrics"])
     with stage("resume digest check", ctx):

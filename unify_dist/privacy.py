@@ -8,10 +8,13 @@ _SUMS = {"avg", "weighted_avg"}
 _ORDER = {"max", "absmax"}
 
 
-def privacy_statement(rule: str, owners: int, absmax_impl: str = "reduce") -> str:
+def privacy_statement(rule: str, owners: int, absmax_impl: str = "reduce", candidates: tuple[str, ...] = ()) -> str:
     """One or two sentences on what `rule` with `owners` owners reveals to each owner."""
     if owners == 1:
         return "privacy: one owner, nothing is shared."
+    if rule == "auto":
+        parts = [privacy_statement(c, owners, absmax_impl).removeprefix("privacy: ") for c in candidates]
+        return f"privacy: auto unifies with every candidate each round, so it reveals all of: {' | '.join(parts)}"
     if rule == "secure_avg":
         if owners == 2:
             return (

@@ -7,30 +7,83 @@ allclose for the averages, whose summation order differs), and the tests prove i
 
 A rule registered here with no fast collective path still runs distributed: unify_dist.unify gathers
 the owners' tensors chunk by chunk and calls the reference function on each chunk.
+
+Rules with settings (trimmed_mean's trim_fraction, ties' density) declare them when registering:
+`options` names UnifyConfig fields, which the unify layer passes as keywords of the same name
+(functools.partial), so every reference keeps the plain (stacked, weights) call with defaults.
+Cross-cutting steps (clipping an owner's update, the serverless momentum step) are small pure
+functions here too, applied by the unify layer around any rule instead of living inside one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["RULES", "Rule", "register_rule", "avg", "weighted_avg", "max_rule", "absmax"]
+__all__ = [
+    "RULES",
+    "SPECS",
+    "Rule",
+    "RuleSpec",
+    "register_rule",
+    "avg",
+    "weighted_avg",
+    "max_rule",
+    "absmax",
+    "median",
+    "trimmed_mean",
+    "ties",
+    "ties_trim",
+    "ties_merge",
+    "clip_factor",
+    "clip_update",
+    "server_step",
+]
 
 Rule = Callable[[Tensor, Tensor], Tensor]
 """(stacked [owners, ...], weights [owners]) -> unified [...]"""
 
 RULES: dict[str, Rule] = {}
+SPECS: dict[str, "RuleSpec"] = {}
 
 
-def register_rule(name: str) -> Callable[[Rule], Rule]:
+@dataclass(frozen=True)
+class RuleSpec:
+    """How the unify layer runs a registered rule; `reference` is the whole maths, the rest says how to split it."""
+
+    reference: Rule
+    options: tuple[str, ...] = ()
+    """UnifyConfig fields passed to `reference` (and `owner_step`) as keywords of the same name."""
+    owner_step: Callable[..., Tensor] | None = None
+    """A step each owner applies to its own whole update before anything is combined (ties' top-k trim):
+    it needs the owner's whole vector, so it cannot run per gathered chunk."""
+    combine: Rule | None = None
+    """With owner_step: the coordinate-wise rest, so reference(s, w) == combine(owner_step of each row, w)."""
+    delta_only: bool = False
+    """The rule is defined on updates since the last unified model (unify.space is forced to delta)."""
+
+
+def register_rule(
+    name: str,
+    *,
+    options: tuple[str, ...] = (),
+    owner_step: Callable[..., Tensor] | None = None,
+    combine: Rule | None = None,
+    delta_only: bool = False,
+) -> Callable[[Rule], Rule]:
     """Register a reference rule under `name`; a second rule with the same name is a bug, so it raises."""
+    if (owner_step is None) != (combine is None):
+        raise ValueError(f"unify rule '{name}': owner_step and combine go together")
 
     def wrap(fn: Rule) -> Rule:
         if name in RULES:
             raise ValueError(f"unify rule '{name}' is registered twice")
         RULES[name] = fn
+        SPECS[name] = RuleSpec(fn, options, owner_step, combine, delta_only)
         return fn
 
     return wrap
@@ -66,3 +119,107 @@ def absmax(stacked: Tensor, weights: Tensor) -> Tensor:
     hi = stacked.amax(0)
     lo = stacked.amin(0)
     return torch.where(hi >= -lo, hi, lo)
+
+
+# --- Robust rules: coordinate-wise, so the chunked gather path runs them with bounded memory. ---
+
+
+@register_rule("secure_avg")
+def secure_avg(stacked: Tensor, weights: Tensor) -> Tensor:
+    """The plain mean; distributed, each owner's contribution travels under pairwise masks (unify_dist.secure)."""
+    return stacked.sum(0) / stacked.shape[0]
+
+
+@register_rule("median")
+def median(stacked: Tensor, weights: Tensor) -> Tensor:
+    """Per element, the median over owners; weights are ignored (one owner, one vote).
+
+    With an even number of owners it is the mean of the two middle values (torch.median would take the
+    lower one, which favours one side). With three or more owners no single owner, however wrong, can
+    move it outside the range of the others' values.
+    """
+    s = stacked.sort(0).values
+    n = s.shape[0]
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
+@register_rule("trimmed_mean", options=("trim_fraction",))
+def trimmed_mean(stacked: Tensor, weights: Tensor, trim_fraction: float = 0.25) -> Tensor:
+    """Per element, drop the floor(trim_fraction * owners) largest and smallest values, average the rest.
+
+    Weights are ignored. With trim_fraction * owners < 1 nothing is dropped and it is the plain mean.
+    """
+    n = stacked.shape[0]
+    k = min(int(trim_fraction * n), (n - 1) // 2)  # always keep at least one value
+    s = stacked.sort(0).values
+    return s[k : n - k].sum(0) / (n - 2 * k)
+
+
+# --- TIES merging (Yadav et al., 2023) over owners' updates: trim, elect sign, disjoint mean. ---
+
+
+def ties_trim(update: Tensor, ties_density: float = 0.2) -> Tensor:
+    """One owner's update with all but its top ties_density fraction of entries (by magnitude) zeroed.
+
+    Entries tied with the threshold magnitude are all kept, so the result is deterministic.
+    """
+    flat = update.reshape(-1)
+    keep = max(1, math.ceil(ties_density * flat.numel())) if flat.numel() else 0
+    if keep >= flat.numel():
+        return update.clone()
+    mag = flat.abs()
+    threshold = mag.kthvalue(flat.numel() - keep + 1).values
+    return torch.where(mag >= threshold, flat, torch.zeros_like(flat)).view_as(update)
+
+
+def ties_merge(stacked: Tensor, weights: Tensor) -> Tensor:
+    """Per element, elect the sign with the larger summed magnitude, then average the owners that agree.
+
+    Zeros (trimmed entries) never vote and never count in the mean; where no owner agrees the result is 0.
+    """
+    elected = torch.sign(stacked.sum(0))  # sum of + magnitudes vs. sum of - magnitudes
+    agree = (torch.sign(stacked) == elected) & (stacked != 0)
+    count = agree.sum(0).clamp(min=1).to(stacked.dtype)
+    return torch.where(agree, stacked, torch.zeros_like(stacked)).sum(0) / count
+
+
+@register_rule("ties", options=("ties_density",), owner_step=ties_trim, combine=ties_merge, delta_only=True)
+def ties(stacked: Tensor, weights: Tensor, ties_density: float = 0.2) -> Tensor:
+    """TIES over owners' updates [owners, ...]: each owner keeps its top ties_density entries, then ties_merge.
+
+    Weights are ignored. The trim looks at each owner's whole update (the model, not a chunk).
+    """
+    trimmed = torch.stack([ties_trim(row, ties_density) for row in stacked])
+    return ties_merge(trimmed, weights)
+
+
+# --- Wrappers the unify layer applies around any rule. ---
+
+
+def clip_factor(update: Tensor, bound: float) -> float:
+    """The factor that scales `update` to L2 norm `bound` if it is longer: 1.0 when it is not (or bound <= 0)."""
+    if bound <= 0:
+        return 1.0
+    norm = float(torch.linalg.vector_norm(update, dtype=torch.float64))  # host sync
+    return bound / norm if norm > bound else 1.0
+
+
+def clip_update(update: Tensor, bound: float) -> Tensor:
+    """`update` scaled down to L2 norm `bound` if it is longer (bound <= 0: unchanged).
+
+    Bounds how far one owner can pull the unified model in a round, whatever the rule.
+    """
+    factor = clip_factor(update, bound)
+    return update * factor if factor != 1.0 else update
+
+
+def server_step(delta: Tensor, momentum: Tensor | None, beta: float, lr: float) -> tuple[Tensor, Tensor | None]:
+    """FedAvgM's server update, run identically by every owner: m = beta * m + delta; step = lr * m.
+
+    `delta` is the round's unified update (unified - previous unified); returns (step, new momentum).
+    With beta = 0 there is no momentum (None in, None out).
+    """
+    if momentum is None or beta == 0:
+        return delta * lr, momentum
+    m = momentum * beta + delta
+    return m * lr, m

@@ -1,0 +1,141 @@
+"""Bad input gets one clear line on stderr and exit code 2, never a traceback, through the real CLI.
+
+Single-process cases run `python -m unify_dist train ...` as subprocesses; they are launched together by
+one fixture (each one spends most of its time importing torch, so running a few at once keeps this file
+quick on a small machine) and each parametrized test checks one of them. Cases that need several owners
+(the consistency check, label_split with too many owners) go through the real torchrun.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_folder_owners import make_owner_folder
+from tests.world import cli, torchrun
+
+ERROR_PREFIX = "unify-dist: error:"
+TINY = ["--set", "data.train_per_owner=200", "--set", "data.test_size=200", "--set", "train.max_rounds=1"]
+
+# id -> (CLI arguments after `train`, extra environment, a phrase the error line must contain).
+# "{tmp}" stands for a scratch folder holding bad.toml (malformed) and empty/ (a data root with no data).
+CASES: dict[str, tuple[list[str], dict[str, str], str]] = {
+    "missing config file": (["--config", "{tmp}/nope.toml"], {}, "does not exist"),
+    "malformed TOML": (["--config", "{tmp}/bad.toml"], {}, "is not valid TOML"),
+    "unknown key": (["--set", "train.learning_rate=0.1"], {}, "unknown config key 'train.learning_rate'"),
+    "unknown --set section": (["--set", "training.lr=0.1"], {}, "unknown config key 'training'"),
+    "section given a value": (["--set", "train=3"], {}, "'train' is a section"),
+    "wrong type": (["--set", 'train.batch_size="big"'], {}, "train.batch_size must be of type int"),
+    "bool for an int": (["--set", "train.max_rounds=true"], {}, "train.max_rounds must be of type int"),
+    "unknown rule": (["--set", "unify.rule=no_such_rule"], {}, "unify.rule = 'no_such_rule' is not known"),
+    "unknown compared rule": (["--set", "unify.compare=avg,bogus"], {}, "unify.rule = 'bogus' is not known"),
+    "unknown dataset": (["--set", "data.dataset=imagenet"], {}, "data.dataset = 'imagenet' is not known"),
+    "unknown model": (["--set", "model.name=vgg16"], {}, "model.name = 'vgg16' is not known"),
+    "lr zero": (["--set", "train.lr=0"], {}, "train.lr must be > 0"),
+    "lr negative": (["--set", "train.lr=-0.1"], {}, "train.lr must be > 0"),
+    "batch_size zero": (["--set", "train.batch_size=0"], {}, "train.batch_size must be > 0"),
+    "batch_size negative": (["--set", "train.batch_size=-8"], {}, "train.batch_size must be > 0"),
+    "target_accuracy above 1": (["--set", "train.target_accuracy=1.5"], {}, "train.target_accuracy is a fraction"),
+    "unknown nonfinite policy": (["--set", "unify.nonfinite=ignore"], {}, "unify.nonfinite = 'ignore' is not known"),
+    "timeout zero": (["--set", "dist.timeout_s=0"], {}, "dist.timeout_s must be > 0"),
+    "keep no checkpoints": (["--set", "output.keep_checkpoints=0"], {}, "output.keep_checkpoints must be >= 1"),
+    "--set without =": (["--set", "train.lr"], {}, "has no '='"),
+    "folder without partition": (["--set", "data.dataset=folder", "--set", "data.folder=x"], {}, "go together"),
+    "dataset missing offline": (
+        ["--set", "data.download=false", *TINY, "--set", "output.dir={tmp}/run"],
+        {"UNIFY_DIST_DATA_ROOT": "{tmp}/empty"},
+        "{tmp}/empty",
+    ),
+    "owner folder missing": (
+        ["--set", "data.dataset=folder", "--set", "data.partition=folder", "--set", "data.folder={tmp}/nobody{rank}",
+         "--set", "output.dir={tmp}/run"],
+        {},
+        "owner 0's image folder '{tmp}/nobody0' does not exist",
+    ),  # fmt: skip
+    "several problems at once": (["--set", "train.lr=0", "--set", "model.hidden=0"], {}, "model.hidden must be > 0"),
+}
+
+
+def _fill(text: str, tmp: Path) -> str:
+    return text.replace("{tmp}", str(tmp))
+
+
+def _run_case(case: str, tmp: Path) -> subprocess.CompletedProcess:
+    args, env, _ = CASES[case]
+    return cli(["train", *(_fill(a, tmp) for a in args)], env={k: _fill(v, tmp) for k, v in env.items()})
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad_input")
+    (tmp / "bad.toml").write_text('[train]\nlr = 0.1\nbatch_size = "unterminated\n')
+    (tmp / "empty").mkdir()
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def outcomes(scratch: Path) -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        procs = pool.map(lambda case: _run_case(case, scratch), CASES)
+        return dict(zip(CASES, procs))
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess, phrase: str) -> None:
+    """Exit code 2, the last stderr line is our error line with `phrase`, and no traceback anywhere."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines and lines[-1].startswith(ERROR_PREFIX), proc.stderr[-2000:]
+    assert phrase in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_2(case: str, outcomes: dict, scratch: Path) -> None:
+    assert_one_clear_line(outcomes[case], _fill(CASES[case][2], scratch))
+
+
+def test_nccl_without_cuda(scratch: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so nccl is a valid choice")
+    proc = cli(["train", "--set", "dist.backend=nccl", "--set", f"output.dir={scratch}/run"])
+    assert_one_clear_line(proc, "dist.backend = 'nccl' needs CUDA")
+
+
+def assert_workers_said(proc: subprocess.CompletedProcess, phrase: str) -> None:
+    """Under torchrun: it fails, the workers printed our one line, and no traceback comes from our code.
+
+    torchrun adds its own failure report (with a traceback of the launcher itself) after the workers' lines.
+    The workers' exit codes are not checked: torchrun ends the others as soon as the first one exits.
+    """
+    ours = [ln for ln in proc.stderr.splitlines() if ERROR_PREFIX in ln]
+    assert proc.returncode != 0
+    assert ours, proc.stderr[-3000:]  # torchrun may stop a worker before it speaks: at least one line, all whole
+    assert all(ln.startswith(ERROR_PREFIX) and ln.count(ERROR_PREFIX) == 1 and phrase in ln for ln in ours), ours
+    assert "unify_dist/" not in proc.stderr, proc.stderr[-3000:]  # no frame of ours in any traceback
+
+
+@pytest.mark.slow
+def test_folder_owners_with_different_class_names(tmp_path: Path) -> None:
+    make_owner_folder(tmp_path / "owner0", seed=0, per_class=6)
+    make_owner_folder(tmp_path / "owner1", seed=1, per_class=6)
+    (tmp_path / "owner1" / "dots").rename(tmp_path / "owner1" / "spots")
+    proc = torchrun([
+        "train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
+        "--set", f"data.folder={tmp_path}/owner{{rank}}", "--set", "data.image_size=16", "--set", "model.name=mlp",
+        "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    assert_workers_said(proc, "'class names' differs: rank 0 has ['circle', 'dots', 'stripes'], rank(s) [1]")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training
+
+
+@pytest.mark.slow
+def test_label_split_with_more_owners_than_classes(tmp_path: Path, data_root: Path) -> None:
+    proc = torchrun(
+        ["train", "--set", "data.partition=label_split", *TINY, "--set", f"output.dir={tmp_path}"],
+        nproc=11,
+    )
+    assert_workers_said(proc, "11 owners > 10 classes")
