@@ -1,0 +1,94 @@
+"""The benchmark runs end to end and writes every section; the fast avg path it times equals torch's
+average_parameters. No timing assertions: speed is what the benchmark reports, not what tests check."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.world import cli, run_world
+from unify_dist.bench import SECTIONS, collective_cost
+from unify_dist.cli import main as cli_main
+from unify_dist.config import ModelConfig, UnifyConfig
+from unify_dist.flat import FlatState
+from unify_dist.models import build_model
+from unify_dist.unify import Unifier, tail_size
+
+
+def _ratios(result: dict) -> list[float]:
+    rows = result["unify"] + result["epoch"]["rows"] + result["scaling"] + result["absmax_memory"]
+    return [r["ratio"] if "ratio" in r else r["ratio_vs_avg"] for r in rows]
+
+
+def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--models", "paper_cnn", "--owners", "2", "--scaling-owners", "2",
+            "--sizes", "5000", "--epoch-images", "256", "--out", str(out)]  # fmt: skip
+    proc = cli(args, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(SECTIONS) <= set(result), sorted(result)
+    assert all(result[s] for s in SECTIONS), [s for s in SECTIONS if not result[s]]
+    ratios = _ratios(result)
+    assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), ratios
+    targeted = [r for r in result["unify"] + result["epoch"]["rows"] if r["target"]]
+    assert len(targeted) == 4 and all(isinstance(r["pass"], bool) for r in targeted)
+    assert {r["impl"] for r in result["absmax_memory"]} == {"avg", "absmax_reduce", "absmax_gather"}
+    assert "avg unify" in proc.stdout and "average_parameters" in proc.stdout  # the table was printed
+
+
+@pytest.mark.parametrize("bad", [["--owners", "1"], ["--models", "vgg"], ["--sizes", "many"]])
+def test_bad_option_is_one_line_and_exit_2(bad: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["bench", *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unify-dist: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("n,chunk,collectives", [(10, 4, 1 + 3), (8, 8, 1 + 1), (8, 100, 1 + 1)])
+def test_gather_cost_counts_one_collective_per_chunk(n: int, chunk: int, collectives: int) -> None:
+    assert collective_cost("absmax", "gather", n, 0, 3, chunk)["collectives"] == collectives
+    assert collective_cost("avg", "reduce", n, 2, 3, chunk)["collectives"] == 1  # int counters ride in the tail
+
+
+def _avg_both_ways(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    torch.manual_seed(rank)  # every owner starts different
+    ours = build_model(ModelConfig(name="paper_cnn"), 1, 10, 28)
+    theirs = build_model(ModelConfig(name="paper_cnn"), 1, 10, 28)
+    theirs.load_state_dict(ours.state_dict())
+    before = [p.detach().clone() for p in ours.parameters()]
+    Unifier(FlatState(ours, tail=tail_size(world)), UnifyConfig()).unify_("avg")
+    average_parameters(theirs.parameters(), None)
+    return {"before": before, "ours": [p.detach().clone() for p in ours.parameters()],
+            "theirs": [p.detach().clone() for p in theirs.parameters()]}  # fmt: skip
+
+
+def test_fast_avg_equals_torch_average_parameters() -> None:
+    results = run_world(_avg_both_ways, 2)
+    for r in results:
+        for ours, theirs in zip(r["ours"], r["theirs"], strict=True):
+            torch.testing.assert_close(ours, theirs)
+    assert not torch.equal(results[0]["before"][0], results[0]["ours"][0])  # it really averaged something
+    for ours, a, b in zip(results[0]["ours"], results[0]["before"], results[1]["before"], strict=True):
+        torch.testing.assert_close(ours, (a + b) / 2)
+
+
+def test_copysign_selection_is_bit_identical_to_the_absmax_rule() -> None:
+    """The faster selection the benchmark times (and proposes) must keep absmax's tie rule and signed zeros."""
+    from unify_dist.bench import _select_copysign
+    from unify_dist.rules import absmax
+
+    stacked = torch.randn(4, 4000, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
+    stacked[:, :100] = 0.0
+    stacked[1, :50] = -0.0
+    stacked[2, 100:200] = -stacked[0, 100:200]  # exact +/- magnitude ties
+    hi, neg_lo = stacked.amax(0), -stacked.amin(0)
+    out, tmp = torch.empty_like(hi), torch.empty_like(hi)
+    _select_copysign(hi, neg_lo, out, tmp)
+    want = absmax(stacked, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))

@@ -1,0 +1,534 @@
+"""`unify-dist bench`: how fast unify and a local epoch are, each as a ratio against a baseline timed
+in the same run.
+
+Absolute times on a shared CPU say little; a ratio against the obvious alternative, timed in the same
+processes and interleaved with it repeat by repeat, says whether the tool adds cost. Every figure is a
+median over repeats after warm-up; a collective's time per repeat is its slowest rank's. The unify
+measurements spawn their own gloo groups on 127.0.0.1 (one thread per owner), so no torchrun is needed.
+
+Extra memory is the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
+over its resident set just before the first call, so it includes what gloo allocates; the buffers the
+implementation itself allocates are reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unify_dist.config import ModelConfig, UnifyConfig
+from unify_dist.data import TORCHVISION_SETS, Split
+from unify_dist.errors import UserError
+from unify_dist.flat import FlatState
+from unify_dist.models import MODELS, build_model
+from unify_dist.train import epoch_generator, train_epoch
+from unify_dist.unify import Unifier, tail_size
+
+__all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost"]
+
+TARGETS = {  # (op, bound): measured / baseline must satisfy it
+    "avg_vs_all_reduce": ("<=", 1.10),
+    "avg_vs_average_parameters": ("<=", 0.80),
+    "absmax_reduce_vs_avg": ("<=", 2.20),
+    "train_epoch_vs_plain_loop": (">=", 0.95),
+}
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "scaling", "collective_cost", "epoch")
+FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3)
+QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1)
+
+
+# ---------------------------------------------------------------- options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unify-dist bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few repeats and small sizes (seconds; for tests)")
+    p.add_argument("--out", default="results/bench.json", help="JSON file to write (default results/bench.json)")
+    p.add_argument("--owners", default="2,4", help="owner counts for the model benchmarks (default 2,4)")
+    p.add_argument("--models", default="paper_cnn,resnet18", help=f"models to unify, of {', '.join(MODELS)}")
+    p.add_argument("--scaling-owners", default="2,3,4", help="owner counts for the growth table (default 2,3,4)")
+    p.add_argument("--sizes", default=None, help="flat model sizes (floats) for the growth table (default 1e5,1e6,1e7)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 11; quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 2; quick 1)")
+    p.add_argument("--chunk-elements", type=int, default=UnifyConfig.chunk_elements, help="gather chunk size")
+    p.add_argument("--epoch-images", type=int, default=None, help="Fashion-MNIST images per epoch (default 5000)")
+    p.add_argument("--epoch-repeats", type=int, default=None, help="timed epochs per loop (default 3; quick 1)")
+    p.add_argument("--data-root", default=None, help="holds FashionMNIST/raw (default UNIFY_DIST_DATA_ROOT, else data)")
+    p.add_argument("--skip-epoch", action="store_true", help="leave out the local epoch section")
+    return p
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{what} must be positive numbers, got '{text}'")
+    return values
+
+
+def _settings(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.owners = _ints(args.owners, "--owners")
+    args.scaling_owners = _ints(args.scaling_owners, "--scaling-owners")
+    args.sizes = _ints(args.sizes, "--sizes")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    problems = [f"unknown model '{m}' (known: {', '.join(MODELS)})" for m in args.models if m not in MODELS]
+    counts = ("repeats", "epoch_images", "epoch_repeats", "chunk_elements")
+    problems += [f"--{k.replace('_', '-')} must be >= 1" for k in counts if getattr(args, k) < 1]
+    if min(args.owners + args.scaling_owners) < 2:
+        problems.append("owner counts must be >= 2: a unify needs two owners")
+    problems += ["--warmup must be >= 0"] if args.warmup < 0 else []
+    if problems:
+        raise UserError("; ".join(problems))
+    return args
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    dist.barrier()  # everyone starts together, so a collective's time is not time spent waiting for a peer
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_ops(ops: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each op; ops interleaved per repeat, so load drift on a shared CPU hits all alike.
+
+    A collective: every rank calls it with the same ops. Per repeat the slowest rank's time counts,
+    because a collective is only done when its last owner is.
+    """
+    for _ in range(warmup):
+        for fn in ops.values():
+            _timed(fn)
+    times = torch.tensor([[_timed(fn) for fn in ops.values()] for _ in range(repeats)], dtype=torch.float64)
+    dist.all_reduce(times, dist.ReduceOp.MAX)
+    return {name: statistics.median(times[:, i].tolist()) for i, name in enumerate(ops)}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak resident memory `fn` adds to this process (Linux VmHWM after a reset); None where unsupported."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+        before = _status_kib("VmRSS")
+    except (OSError, RuntimeError):
+        fn()
+        return None
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def collective_cost(rule: str, impl: str, n: int, n_ints: int, world: int, chunk: int) -> dict[str, Any]:
+    """Collectives per unify and bytes one owner hands to them, from what unify.py sends (fp32).
+
+    `sent_bytes` estimates what each owner puts on the wire with ring algorithms: 2(W-1)/W of an
+    all_reduce's buffer, (W-1) times its own part of an all_gather.
+    """
+    if impl == "gather":
+        chunks = math.ceil(n / min(chunk, max(n, 1)))
+        payload = 4 * n + 16 + 8 * n_ints  # its values chunk by chunk, (flag, weight) in float64, int64 counters
+        sent = (world - 1) * (4 * n + 16) + 2 * (world - 1) / world * 8 * n_ints
+        count = 1 + chunks + (1 if n_ints else 0)
+    else:  # one all_reduce: values (twice for absmax) and a tail of flags, weight and every owner's counters
+        tail = world + 1 + 2 * n_ints * world
+        elements = (2 * n if rule == "absmax" else n) + tail
+        payload, count = 4 * elements, 1
+        sent = 2 * (world - 1) / world * payload
+    return {"rule": rule, "impl": impl, "collectives": count, "payload_bytes": payload, "sent_bytes": int(sent)}
+
+
+# ---------------------------------------------------------------- one owner's work (in spawned processes)
+
+
+def _twin_params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Parameters of a separate copy of `model`: average_parameters re-points .data, which would break FlatState."""
+    twin = build_model(ModelConfig(name=name), 1, 10, 28)
+    twin.load_state_dict(model.state_dict())
+    return list(twin.parameters())
+
+
+def _select_where(hi: Tensor, neg_lo: Tensor, out: Tensor) -> None:
+    """absmax's last step as unify.py does it now (torch.where is slow on one CPU thread)."""
+    torch.where(hi >= neg_lo, hi, neg_lo.neg_(), out=out)
+    neg_lo.neg_()  # undo, so every repeat sees the same data
+
+
+def _select_copysign(hi: Tensor, neg_lo: Tensor, out: Tensor, tmp: Tensor) -> None:
+    """The same selection without torch.where: |result| = max(hi, -lo), its sign that of hi + lo.
+
+    Bit-identical, ties and signed zeros included: IEEE round-to-nearest gets the sign of a sum exactly
+    (fl(hi - neg_lo) >= +0 exactly when hi >= neg_lo, and x - x is +0).
+    """
+    torch.maximum(hi, neg_lo, out=out)
+    torch.sub(hi, neg_lo, out=tmp)
+    torch.copysign(out, tmp, out=out)
+
+
+def _absmax_select_ops(n: int) -> dict[str, Callable[[], object]]:
+    """Timing ops for the selection step alone, on data shaped like absmax's all_reduce result."""
+    x = torch.randn(2, n)
+    hi, neg_lo = x.max(0).values, -x.min(0).values
+    out, tmp = torch.empty(n), torch.empty(n)
+    return {"select_where": lambda: _select_where(hi, neg_lo, out),
+            "select_copysign": lambda: _select_copysign(hi, neg_lo, out, tmp)}  # fmt: skip
+
+
+def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    torch.manual_seed(dist.get_rank())  # owners differ, as after local training
+    model = build_model(ModelConfig(name=name), 1, 10, 28)
+    twin = _twin_params(model, name)
+    flat = FlatState(model, tail=tail_size(world, model))
+    n = flat.numel
+    fast = Unifier(flat, UnifyConfig())
+    gather = Unifier(flat, UnifyConfig(absmax_impl="gather", chunk_elements=args.chunk_elements))
+    same_bytes = torch.zeros(n)  # zeros: float adds cost the same for any finite non-denormal value
+    absmax_bytes = torch.zeros(2 * n + world)
+    fast.unify_("avg")  # gloo's first collective of a size sets up buffers: not what is measured below
+    memory = {  # first calls, smallest expected first; each measured from a reset peak
+        "avg": peak_extra_bytes(lambda: fast.unify_("avg")),
+        "absmax_gather": peak_extra_bytes(lambda: gather.unify_("absmax")),
+        "absmax_reduce": peak_extra_bytes(lambda: fast.unify_("absmax")),
+    }
+    ops = {
+        "all_reduce": lambda: dist.all_reduce(same_bytes),
+        "avg": lambda: fast.unify_("avg"),
+        "average_parameters": lambda: average_parameters(iter(twin), None),
+        "absmax_reduce": lambda: fast.unify_("absmax"),
+        "absmax_gather": lambda: gather.unify_("absmax"),
+        # the pieces of avg besides its all_reduce, to explain a ratio above target
+        "nonfinite_check": lambda: bool(torch.isfinite(flat.values.sum())),
+        "divide": lambda: flat.values.div_(1.0),
+        "ints_all_reduce": lambda: dist.all_reduce(flat.ints, dist.ReduceOp.MAX) if flat.ints.numel() else None,
+        # and of absmax: its MAX all_reduce over [x, -x], and its selection step two ways
+        "max_all_reduce_2n": lambda: dist.all_reduce(absmax_bytes, dist.ReduceOp.MAX),
+        **_absmax_select_ops(n),
+    }
+    times = time_ops(ops, args.repeats, args.warmup)
+    peak = torch.tensor([-1 if v is None else v for v in memory.values()], dtype=torch.float64)
+    dist.all_reduce(peak, dist.ReduceOp.MAX)  # the hungriest owner
+    return {"model": name, "owners": world, "params": n, "ints": flat.ints.numel(), "times": times,
+            "peak_extra_bytes": {k: (None if v < 0 else int(v)) for k, v in zip(memory, peak.tolist())},
+            "scratch_bytes": {"avg": 0, "absmax_reduce": 4 * (2 * n + world),
+                              "absmax_gather": 4 * world * min(args.chunk_elements, n)}}  # fmt: skip
+
+
+class _Flat(nn.Module):
+    """A model that is one flat parameter of `size` floats: unify cost without architecture noise."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size) * 0.01)
+
+
+def _scaling_case(size: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(dist.get_rank())
+    flat = FlatState(_Flat(size), tail=tail_size(world))
+    fast = Unifier(flat, UnifyConfig())
+    same_bytes = torch.zeros(size)
+    times = time_ops({"all_reduce": lambda: dist.all_reduce(same_bytes), "avg": lambda: fast.unify_("avg")},
+                     args.repeats, args.warmup)  # fmt: skip
+    return {"params": size, "owners": world, "times": times}
+
+
+def _owner(rank: int, world: int, port: int, out: str, args: argparse.Namespace) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))  # fmt: skip
+    try:
+        models = [_model_case(m, world, args) for m in args.models] if world in args.owners else []
+        scaling = [_scaling_case(s, world, args) for s in args.sizes] if world in args.scaling_owners else []
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"models": models, "scaling": scaling}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_owners(world: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "owners.json")
+        mp.spawn(_owner, args=(world, _free_port(), out, args), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+# ---------------------------------------------------------------- rows (pure)
+
+
+def _ratio_row(section: str, case: str, owners: int | None, params: int | None, what: str, t: float,
+               base: str, tb: float, target: str | None) -> dict[str, Any]:  # fmt: skip
+    ratio = t / tb if tb > 0 else float("nan")
+    row = {"section": section, "case": case, "owners": owners, "params": params, "measured": what, "value": t,
+           "baseline": base, "baseline_value": tb, "ratio": ratio, "target": None, "pass": None}  # fmt: skip
+    if target:
+        op, bound = TARGETS[target]
+        row["target"] = f"{op} {bound:.2f}"
+        row["pass"] = bool(ratio <= bound if op == "<=" else ratio >= bound)
+    return row
+
+
+def _unify_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
+    t, name, w, n = case["times"], case["model"], case["owners"], case["params"]
+    return [
+        _ratio_row("unify", name, w, n, "avg unify", t["avg"], "all_reduce same bytes", t["all_reduce"],
+                   "avg_vs_all_reduce"),  # fmt: skip
+        _ratio_row("unify", name, w, n, "avg unify", t["avg"], "average_parameters", t["average_parameters"],
+                   "avg_vs_average_parameters"),  # fmt: skip
+        _ratio_row("unify", name, w, n, "absmax reduce", t["absmax_reduce"], "avg unify", t["avg"],
+                   "absmax_reduce_vs_avg"),  # fmt: skip
+        _ratio_row("unify", name, w, n, "absmax gather", t["absmax_gather"], "avg unify", t["avg"], None),
+    ]
+
+
+def _memory_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
+    t = case["times"]
+    return [{"model": case["model"], "owners": case["owners"], "params": case["params"], "impl": impl,
+             "time_s": t[impl], "ratio_vs_avg": t[impl] / t["avg"], "scratch_bytes": case["scratch_bytes"][impl],
+             "peak_extra_bytes": case["peak_extra_bytes"][impl]}
+            for impl in ("avg", "absmax_reduce", "absmax_gather")]  # fmt: skip
+
+
+def _diagnosis_row(case: dict[str, Any]) -> dict[str, Any]:
+    t = case["times"]
+    over = t["avg"] - t["all_reduce"]
+    ints = t["ints_all_reduce"] if case["ints"] else 0.0
+    return {"model": case["model"], "owners": case["owners"], "params": case["params"], "avg_s": t["avg"],
+            "all_reduce_s": t["all_reduce"], "overhead_s": over, "overhead_ratio": t["avg"] / t["all_reduce"],
+            "nonfinite_check_s": t["nonfinite_check"], "divide_s": t["divide"],
+            "ints_all_reduce_s": ints, "rest_s": over - t["nonfinite_check"] - t["divide"] - ints,
+            "absmax_s": t["absmax_reduce"], "max_all_reduce_2n_s": t["max_all_reduce_2n"],
+            "select_where_s": t["select_where"], "select_copysign_s": t["select_copysign"]}  # fmt: skip
+
+
+def _scaling_rows(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"params": c["params"], "owners": c["owners"], "avg_s": c["times"]["avg"],
+             "all_reduce_s": c["times"]["all_reduce"], "ratio": c["times"]["avg"] / c["times"]["all_reduce"],
+             "avg_ns_per_param": 1e9 * c["times"]["avg"] / c["params"]} for c in cases]  # fmt: skip
+
+
+def _cost_rows(cases: list[dict[str, Any]], chunk: int) -> list[dict[str, Any]]:
+    rows = []
+    for c in cases:
+        for rule, impl in (("avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather")):
+            cost = collective_cost(rule, impl, c["params"], c["ints"], c["owners"], chunk)
+            rows.append({"model": c["model"], "owners": c["owners"], **cost})
+    return rows
+
+
+# ---------------------------------------------------------------- local epoch (this process, 1 thread)
+
+
+def _fashion_subset(root: Path, count: int) -> tuple[Any, Tensor]:
+    """The torchvision dataset (PIL per sample) and a seeded subset of `count` indices."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        ds = FashionMNIST(str(root), train=True, download=False)
+    except Exception as e:  # torchvision raises RuntimeError or OSError, depending on what is missing
+        raise UserError(
+            f"the epoch benchmark needs Fashion-MNIST under '{root}/FashionMNIST/raw' ({type(e).__name__}); "
+            "point --data-root or UNIFY_DIST_DATA_ROOT at it, or pass --skip-epoch"
+        ) from None
+    if count > len(ds):
+        raise UserError(f"--epoch-images {count} > {len(ds)} Fashion-MNIST training images")
+    return ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:count]
+
+
+def _plain_loop(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, bs: int,
+                g: torch.Generator) -> None:  # fmt: skip
+    """The baseline: the loop anyone would write over in-memory tensors."""
+    model.train()
+    order = torch.randperm(len(y), generator=g)
+    for start in range(0, len(y), bs):
+        idx = order[start : start + bs]
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def _loader_loop(model: nn.Module, opt: torch.optim.Optimizer, loader: Any) -> None:
+    model.train()
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+
+def _epoch_section(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
+    torch.set_num_threads(1)
+    mean, std = TORCHVISION_SETS["fashion_mnist"][5:7]
+    root = Path(args.data_root or os.environ.get("UNIFY_DIST_DATA_ROOT") or "data").expanduser()
+    ds, idx = _fashion_subset(root, args.epoch_images)
+    x = ds.data[idx].unsqueeze(1).float().div_(255).sub_(mean[0]).div_(std[0])
+    data = Split(x, ds.targets[idx].long())
+    ds.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    loader = DataLoader(Subset(ds, idx.tolist()), batch_size=64, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.manual_seed(0)
+    start = build_model(ModelConfig(name="paper_cnn"), 1, 10, 28)
+    loops = {
+        "train_epoch": lambda m, o, e: train_epoch(m, o, data, 64, epoch_generator(0, 0, 0, e)),
+        "plain_loop": lambda m, o, e: _plain_loop(m, o, data.x, data.y, 64, epoch_generator(0, 0, 0, e)),
+        "dataloader": lambda m, o, e: _loader_loop(m, o, loader),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in loops}
+    for epoch in range(1 + args.epoch_repeats):  # epoch 0 is warm-up; loops interleaved per epoch
+        for name, loop in loops.items():
+            model = copy.deepcopy(start)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            t0 = time.perf_counter()
+            loop(model, opt, epoch)
+            if epoch:
+                rates[name].append(len(data) / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    rows = [
+        _ratio_row("epoch", "paper_cnn bs 64", 1, len(data), "train_epoch img/s", med["train_epoch"],
+                   "plain loop img/s", med["plain_loop"], "train_epoch_vs_plain_loop"),
+        _ratio_row("epoch", "paper_cnn bs 64", 1, len(data), "train_epoch img/s", med["train_epoch"],
+                   "DataLoader+ToTensor img/s", med["dataloader"], None),
+    ]  # fmt: skip
+    return {"images": len(data), "images_per_s": med, "rows": rows}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _value(row: dict[str, Any]) -> tuple[str, str]:
+    if row["section"] == "epoch":
+        return f"{row['value']:.0f}", f"{row['baseline_value']:.0f}"
+    return _fmt_s(row["value"]), _fmt_s(row["baseline_value"])
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if Console().is_terminal else 200)
+    main = Table(title="unify-dist bench: ratios against baselines timed in the same run (medians)")
+    for col in ("case", "owners", "params", "measured", "value", "baseline", "value ", "ratio", "target", "result"):
+        main.add_column(col, justify="right" if col in ("owners", "params", "ratio") else "left")
+    for row in result["unify"] + result["epoch"].get("rows", []):
+        mark = "" if row["pass"] is None else ("[green]pass[/]" if row["pass"] else "[red]FAIL[/]")
+        value, base = _value(row)
+        main.add_row(row["case"], str(row["owners"]), f"{row['params']:,}", row["measured"], value, row["baseline"],
+                     base, f"{row['ratio']:.2f}", row["target"] or "", mark)  # fmt: skip
+    console.print(main)
+    _print_simple(console, "absmax: time and extra memory (peak RSS rise; scratch = buffers the code allocates)",
+                  result["absmax_memory"], {"model": str, "owners": str, "impl": str, "time_s": _fmt_s,
+                  "ratio_vs_avg": "{:.2f}".format, "scratch_bytes": _fmt_bytes,
+                  "peak_extra_bytes": _fmt_bytes})  # fmt: skip
+    _print_simple(console, "where unify's time goes: avg beyond one all_reduce; absmax's all_reduce and selection",
+                  result["diagnosis"],
+                  {"model": str, "owners": str, "overhead_ratio": "{:.3f}".format, "all_reduce_s": _fmt_s,
+                   "overhead_s": _fmt_s, "nonfinite_check_s": _fmt_s, "divide_s": _fmt_s,
+                   "ints_all_reduce_s": _fmt_s, "rest_s": _fmt_s, "absmax_s": _fmt_s, "max_all_reduce_2n_s": _fmt_s,
+                   "select_where_s": _fmt_s, "select_copysign_s": _fmt_s})  # fmt: skip
+    _print_simple(console, "growth: avg unify vs parameters and owners (flat model)", result["scaling"],
+                  {"params": "{:,}".format, "owners": str, "avg_s": _fmt_s, "all_reduce_s": _fmt_s,
+                   "ratio": "{:.2f}".format, "avg_ns_per_param": "{:.2f}".format})  # fmt: skip
+    _print_simple(console, "collective cost per unify and owner (fp32; sent = ring estimate)",
+                  result["collective_cost"],
+                  {"model": str, "owners": str, "rule": str, "impl": str, "collectives": str,
+                   "payload_bytes": _fmt_bytes, "sent_bytes": _fmt_bytes})  # fmt: skip
+
+
+def _print_simple(console: Any, title: str, rows: list[dict[str, Any]], cols: dict[str, Callable[[Any], str]]) -> None:
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title=title)
+    for col in cols:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(fmt(row[c]) for c, fmt in cols.items()))
+    console.print(table)
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "threads_per_owner": 1, "backend": "gloo", "repeats": args.repeats, "warmup": args.warmup,
+            "quick": args.quick, "chunk_elements": args.chunk_elements, "statistic": "median of repeats, slowest rank",
+            "memory_method": "rise of VmHWM over VmRSS after /proc/self/clear_refs=5, max over owners, first call",
+            "targets": {k: f"{op} {b}" for k, (op, b) in TARGETS.items()},
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    """Run every section, print the tables, write the JSON; 0 even when a target fails (it is a measurement)."""
+    args = _settings(argv)
+    worlds = sorted(set(args.owners) | set(args.scaling_owners))
+    runs = [_run_owners(w, args) for w in worlds]
+    models = [c for r in runs for c in r["models"]]
+    result = {
+        "meta": _meta(args),
+        "unify": [row for c in models for row in _unify_rows(c)],
+        "absmax_memory": [row for c in models for row in _memory_rows(c)],
+        "diagnosis": [_diagnosis_row(c) for c in models],
+        "scaling": _scaling_rows([c for r in runs for c in r["scaling"]]),
+        "collective_cost": _cost_rows(models, args.chunk_elements),
+        "epoch": {} if args.skip_epoch else _epoch_section(args),
+    }
+    _print(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
