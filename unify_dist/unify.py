@@ -40,7 +40,8 @@ from unify_dist.secure import FRACTION_BITS, exchange_pair_secrets, masked_contr
 
 __all__ = ["Unifier", "UnifyOutcome", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical"]
 
-REDUCE_RULES = ("avg", "weighted_avg", "max", "absmax")
+FAST_RULES = ("avg", "weighted_avg", "max", "absmax", "secure_avg")
+"""Rules with a one-all_reduce path (absmax only with absmax_impl = "reduce"); the rest gather."""
 
 
 class NonFiniteError(RuntimeError):
@@ -123,7 +124,7 @@ class Unifier:
             sick_msg = None
         if sick_tensor is None:
             self._prepare(spec, delta)
-        rides_in_tail = rule in ("avg", "weighted_avg", "max", "secure_avg") or (rule == "absmax" and self.cfg.absmax_impl == "reduce")
+        rides_in_tail = rule in FAST_RULES and not (rule == "absmax" and self.cfg.absmax_impl == "gather")
         if rule in ("avg", "weighted_avg"):
             flags = self._sum(weight if rule == "weighted_avg" else 1.0, sick_tensor is not None)
         elif rule == "max":
