@@ -362,13 +362,12 @@ def _fashion_subset(root: Path, count: int) -> tuple[Any, Tensor]:
     """The torchvision dataset (PIL per sample) and a seeded subset of `count` indices."""
     from torchvision.datasets import FashionMNIST
 
-    try:
-        ds = FashionMNIST(str(root), train=True, download=False)
-    except Exception as e:  # torchvision raises RuntimeError or OSError, depending on what is missing
-        raise UserError(
-            f"the epoch benchmark needs Fashion-MNIST under '{root}/FashionMNIST/raw' ({type(e).__name__}); "
-            "point --data-root or UNIFY_DIST_DATA_ROOT at it, or pass --skip-epoch"
-        ) from None
+    from unify_dist.config import DataConfig
+    from unify_dist.data import prepare_dataset
+
+    # The same preparation as training: unpacks official .gz files offline, downloads when online.
+    prepare_dataset(DataConfig(dataset="fashion_mnist", root=str(root)))
+    ds = FashionMNIST(str(root), train=True, download=False)
     if count > len(ds):
         raise UserError(f"--epoch-images {count} > {len(ds)} Fashion-MNIST training images")
     return ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:count]
@@ -401,6 +400,7 @@ def _epoch_section(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     mean, std = TORCHVISION_SETS["fashion_mnist"][5:7]
     root = Path(args.data_root or os.environ.get("UNIFY_DIST_DATA_ROOT") or "data").expanduser()
+    os.environ["UNIFY_DIST_DATA_ROOT"] = str(root)  # so data preparation below uses this root too
     ds, idx = _fashion_subset(root, args.epoch_images)
     x = ds.data[idx].unsqueeze(1).float().div_(255).sub_(mean[0]).div_(std[0])
     data = Split(x, ds.targets[idx].long())
