@@ -23,6 +23,7 @@ __all__ = [
     "UnifyConfig",
     "DistConfig",
     "OutputConfig",
+    "AttackConfig",
     "RunConfig",
     "load_config",
     "parse_overrides",
@@ -131,6 +132,9 @@ class TrainConfig:
     """torch threads per owner process (0: the machine's cores divided by the local owner count)."""
     fedprox_mu: float = 0.0
     """FedProx: add mu/2 * ||w - w_unified||^2 to the local loss, so owners stay near the unified model (0: off)."""
+    scaffold: bool = False
+    """SCAFFOLD control variates: local gradients corrected by (mean of owners' last-round gradients - own);
+    one extra all_reduce of the parameters per round."""
 
     def problems(self) -> list[str]:
         out = []
@@ -180,6 +184,11 @@ class UnifyConfig:
     """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off)."""
     server_lr: float = 1.0
     """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied."""
+    dp_noise_multiplier: float = 0.0
+    """Differential privacy: each owner adds Gaussian noise of std dp_noise_multiplier x update_norm_bound
+    to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
+    dp_delta: float = 1e-5
+    """Differential privacy: the delta of the (epsilon, delta) privacy cost reported each round."""
 
     def problems(self) -> list[str]:
         from unify_dist.rules import RULES  # late: rules import nothing from config
@@ -206,6 +215,12 @@ class UnifyConfig:
             out.append(f"unify.server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_lr <= 0:
             out.append(f"unify.server_lr must be > 0, got {self.server_lr}")
+        if self.dp_noise_multiplier < 0:
+            out.append(f"unify.dp_noise_multiplier must be >= 0 (0: off), got {self.dp_noise_multiplier}")
+        if self.dp_noise_multiplier > 0 and self.update_norm_bound <= 0:
+            out.append("unify.dp_noise_multiplier needs a clipping norm: set unify.update_norm_bound > 0 (C)")
+        if not 0 < self.dp_delta < 1:
+            out.append(f"unify.dp_delta must be in (0, 1), got {self.dp_delta}")
         return out
 
 
@@ -245,6 +260,30 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    owner: int = -1
+    """Simulate a hostile owner: this rank corrupts what it sends before every unify (-1: nobody)."""
+    kind: str = "scale"
+    """scale (its weights times `scale`) or noise (Gaussian noise of std `noise_std` instead of its weights)."""
+    scale: float = -10.0
+    """For kind = scale: the factor applied to the hostile owner's weights."""
+    noise_std: float = 1.0
+    """For kind = noise: standard deviation of the noise the hostile owner sends."""
+    from_round: int = 1
+    """The first round in which the hostile owner attacks."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in ("scale", "noise"):
+            out.append(_choice("attack.kind", self.kind, ("scale", "noise")))
+        if self.owner < -1:
+            out.append(f"attack.owner is a rank (or -1 for nobody), got {self.owner}")
+        if self.noise_std <= 0 or self.from_round < 1:
+            out.append("attack.noise_std must be > 0 and attack.from_round >= 1")
+        return out
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     """A label for the run, shown in tables and stored in metrics."""
@@ -254,6 +293,7 @@ class RunConfig:
     unify: UnifyConfig = field(default_factory=UnifyConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def problems(self) -> list[str]:
         out = []

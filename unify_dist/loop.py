@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unify_dist import faults
+from unify_dist.attack import corrupt_
 from unify_dist.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.config import RunConfig
 from unify_dist.consistency import check_consistency, fingerprint
@@ -25,8 +26,9 @@ from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
-from unify_dist.privacy import privacy_statement
+from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.prox import proximal_term
+from unify_dist.scaffold import Scaffold
 from unify_dist.train import count_correct, epoch_generator, make_optimizer, per_class_correct, train_epoch
 from unify_dist.unify import Unifier, tail_size, verify_identical
 
@@ -46,6 +48,17 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
 
     candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
     out.info(privacy_statement(cfg.unify.rule, ctx.world_size, cfg.unify.absmax_impl, candidates))
+    releases = _releases_per_round(cfg)
+    u = cfg.unify
+    if u.dp_noise_multiplier > 0:
+        out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
+    if cfg.attack.owner >= ctx.world_size:
+        raise UserError(
+            f"attack.owner = {cfg.attack.owner} but there are only {ctx.world_size} owners "
+            f"(ranks 0-{ctx.world_size - 1}); pick one of them, or -1 for no attack"
+        )
+    if cfg.attack.owner >= 0:
+        out.info(f"attack simulation: owner {cfg.attack.owner} sends corrupted weights ({cfg.attack.kind}) from round {cfg.attack.from_round}")
     data = _load_data(cfg, ctx)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
@@ -59,18 +72,24 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
         verify_identical(flat)  # collective
     optimizer = make_optimizer(model, cfg.train)
     unifier = Unifier(flat, cfg.unify)
+    scaffold = Scaffold(model) if cfg.train.scaffold else None
     ckpt = Checkpointer(run_dir, ctx.rank, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     records: list[dict[str, Any]] = []
-    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, unifier, records, out)
+    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, unifier, scaffold, records, out)
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
         # 1. Train locally, on this owner's data only.
-        loss = _train_locally(cfg, ctx, model, optimizer, data, round_, out)
+        loss = _train_locally(cfg, ctx, model, optimizer, data, round_, out, scaffold)
+        if scaffold is not None:
+            with stage(f"SCAFFOLD control variates in round {round_}", ctx):
+                scaffold.end_round()  # collective
         local_val = count_correct(model, data.val)
         local_pc = per_class_correct(model, data.test, data.num_classes)
+
+        corrupt_(flat, cfg.attack, ctx.rank, round_)  # experiments only: a simulated hostile owner ([attack])
 
         # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
         candidates = _candidates(cfg, ctx, flat, unifier, model, data, round_)
@@ -96,10 +115,14 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
             gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
         record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
         record["rule_used"] = rule
+        if u.dp_noise_multiplier > 0:  # the privacy spent so far, (epsilon, delta)-DP per owner
+            record["dp_epsilon"] = dp_epsilon(u.dp_noise_multiplier, releases * round_, u.dp_delta)
+            record["dp_delta"] = u.dp_delta
         records.append(record)
         out.round_row(record)
         metrics.append(record)
-        ckpt.save(round_, {**_state(cfg, model, optimizer, records), "unifier": unifier.state_dict()})
+        extra = {"unifier": unifier.state_dict(), "scaffold": scaffold.state_dict() if scaffold else {}}
+        ckpt.save(round_, {**_state(cfg, model, optimizer, records), **extra})
 
         # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
         if cfg.train.target_accuracy and record["min_unified_val_acc"] >= cfg.train.target_accuracy:
@@ -137,14 +160,21 @@ def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
     return data
 
 
-def _train_locally(cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out) -> float:
+def _train_locally(
+    cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out, scaffold: Scaffold | None
+) -> float:
     batches = -(-len(data.train) // cfg.train.batch_size) * cfg.train.local_epochs
     loss = 0.0
     prox = proximal_term(model, cfg.train.fedprox_mu)  # FedProx: stay near the unified start (None: off)
+    if scaffold is not None:
+        scaffold.begin_round()
+    on_grads = scaffold.correct_grads if scaffold is not None else None
     with out.progress(f"round {round_}: local training", batches) as advance:
         for epoch in range(cfg.train.local_epochs):
             g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
-            loss = train_epoch(model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox)
+            loss = train_epoch(
+                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox, on_grads=on_grads
+            )
     return loss
 
 
@@ -167,6 +197,12 @@ def _candidates(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier,
 
 
 AUTO_DEFAULT = ("avg", "max", "absmax")
+
+
+def _releases_per_round(cfg: RunConfig) -> int:
+    """How many times per round an owner's (noised) update leaves its rank: each is a DP release."""
+    auto = len(cfg.unify.compare or AUTO_DEFAULT) if cfg.unify.rule == "auto" else 0
+    return 1 + auto + len(cfg.unify.compare)
 
 
 def _auto_pick(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, model, data, round_: int) -> str:
@@ -258,6 +294,7 @@ def _resume(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     unifier: Unifier,
+    scaffold: Scaffold | None,
     records: list,
     out: Reporter,
 ) -> int:
@@ -283,6 +320,8 @@ def _resume(
     model.load_state_dict(state["model"])  # copies in place: the flat views stay intact
     optimizer.load_state_dict(state["optimizer"])
     unifier.load_state_dict(state.get("unifier", {}))  # anchor and momentum of delta-space options
+    if scaffold is not None and state.get("scaffold"):
+        scaffold.load_state_dict(state["scaffold"])
     torch.set_rng_state(state["rng"]["torch"])
     records.extend(state["metrics"])
     with stage("resume digest check", ctx):

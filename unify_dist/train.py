@@ -39,8 +39,12 @@ def train_epoch(
     generator: torch.Generator,
     on_batch: Callable[[], None] | None = None,
     extra_loss: Callable[[], Tensor] | None = None,
+    on_grads: Callable[[], None] | None = None,
 ) -> float:
-    """One pass over `data` in a seeded order; returns the mean training loss."""
+    """One pass over `data` in a seeded order; returns the mean training loss.
+
+    extra_loss is added to every batch's loss (FedProx); on_grads runs after backward, before the step.
+    """
     model.train()
     order = torch.randperm(len(data), generator=generator).to(data.x.device)
     total = torch.zeros((), device=data.x.device)
@@ -51,6 +55,8 @@ def train_epoch(
             loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if on_grads is not None:
+            on_grads()  # e.g. SCAFFOLD's drift correction, between backward and step
         optimizer.step()
         total += loss.detach() * len(idx)  # stays on device: no sync per batch
         if on_batch is not None:

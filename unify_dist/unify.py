@@ -19,12 +19,14 @@ Beyond the paper, around any rule (all off by default, and then the paths above 
                          result is added back: unified = anchor + rule(x_i - anchor). The anchor is
                          the previous unified state, identical on every rank, so results stay identical.
   update_norm_bound      each owner clips its update to this L2 norm before the rule sees it.
+  dp_noise_multiplier    and then adds Gaussian noise (std multiplier x bound) to it: differential privacy.
   server_momentum/_lr    every owner applies the same FedAvgM step to the round's unified update.
 The anchor and momentum buffer are Unifier state: state_dict() / load_state_dict() carry them.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -83,6 +85,7 @@ class Unifier:
         # so the first anchor is identical everywhere. None when no option needs it: plain paths copy nothing.
         self._anchor: Tensor | None = flat.values.detach().clone() if _needs_anchor(cfg) else None
         self._momentum: Tensor | None = torch.zeros_like(flat.values) if cfg.server_momentum > 0 else None
+        self._dp_generator: torch.Generator | None = None  # secret noise source, seeded on first use
 
     def state_dict(self) -> dict[str, Any]:
         """The anchor (previous unified state) and momentum buffer, when the options in use keep them."""
@@ -162,10 +165,26 @@ class Unifier:
             factor = clip_factor(values, bound)
             if factor != 1.0:
                 values.mul_(factor)
+            if self.cfg.dp_noise_multiplier > 0:
+                self._add_dp_noise(values)
             if not delta:
                 values.add_(self._anchor)
         if spec.owner_step is not None:
             values.copy_(spec.owner_step(values, **self._options(spec)))
+
+    def _add_dp_noise(self, update: Tensor) -> None:
+        """Differential privacy: Gaussian noise of std dp_noise_multiplier x C on the clipped update.
+
+        The noise is drawn from a secret seed (os entropy), never shared: a peer who could regenerate it
+        could subtract it. So DP runs are not bit-reproducible across restarts; ranks still end identical,
+        because the noise is added before anything leaves the rank.
+        """
+        if self._dp_generator is None:
+            self._dp_generator = torch.Generator(device=update.device)
+            self._dp_generator.manual_seed(secrets.randbits(63))
+        std = self.cfg.dp_noise_multiplier * self.cfg.update_norm_bound
+        noise = torch.empty_like(update).normal_(0.0, std, generator=self._dp_generator)
+        update.add_(noise)
 
     def _finish(self, delta: bool, commit: bool) -> None:
         """Local, after the collective: back from update space, the server step, and the new anchor.
