@@ -165,7 +165,8 @@ def collective_cost(rule: str, impl: str, n: int, n_ints: int, world: int, chunk
     else:  # one all_reduce: values (twice for absmax) and a tail of flags, weight and every owner's counters
         tail = world + 1 + 2 * n_ints * world
         elements = (2 * n if rule == "absmax" else n) + tail
-        payload, count = 4 * elements, 1
+        # secure_avg sends int64 fixed point (8 bytes); its pairwise secrets are exchanged once per process
+        payload, count = (8 if rule == "secure_avg" else 4) * elements, 1
         sent = 2 * (world - 1) / world * payload
     return {"rule": rule, "impl": impl, "collectives": count, "payload_bytes": payload, "sent_bytes": int(sent)}
 
@@ -346,10 +347,17 @@ def _scaling_rows(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "avg_ns_per_param": 1e9 * c["times"]["avg"] / c["params"]} for c in cases]  # fmt: skip
 
 
+COST_CASES = (("avg", "reduce"), ("weighted_avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"),
+              ("absmax", "gather"), ("secure_avg", "reduce"), ("median", "gather"), ("trimmed_mean", "gather"),
+              ("ties", "gather"))  # fmt: skip
+"""Every rule's collective path; space = delta, update_norm_bound, server momentum and DP add no collective,
+train.scaffold adds one all_reduce of the parameters per round."""
+
+
 def _cost_rows(cases: list[dict[str, Any]], chunk: int) -> list[dict[str, Any]]:
     rows = []
     for c in cases:
-        for rule, impl in (("avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather")):
+        for rule, impl in COST_CASES:
             cost = collective_cost(rule, impl, c["params"], c["ints"], c["owners"], chunk)
             rows.append({"model": c["model"], "owners": c["owners"], **cost})
     return rows
@@ -483,7 +491,8 @@ def _print(result: dict[str, Any]) -> None:
     _print_simple(console, "growth: avg unify vs parameters and owners (flat model)", result["scaling"],
                   {"params": "{:,}".format, "owners": str, "avg_s": _fmt_s, "all_reduce_s": _fmt_s,
                    "ratio": "{:.2f}".format, "avg_ns_per_param": "{:.2f}".format})  # fmt: skip
-    _print_simple(console, "collective cost per unify and owner (fp32; sent = ring estimate)",
+    _print_simple(console, "collective cost per unify and owner (fp32, secure_avg int64; sent = ring estimate; "
+                  "train.scaffold adds one all_reduce of the parameters per round)",
                   result["collective_cost"],
                   {"model": str, "owners": str, "rule": str, "impl": str, "collectives": str,
                    "payload_bytes": _fmt_bytes, "sent_bytes": _fmt_bytes})  # fmt: skip
