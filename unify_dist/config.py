@@ -124,6 +124,10 @@ class TrainConfig:
     """Momentum for sgd (ignored by adam)."""
     weight_decay: float = 0.0
     """L2 penalty of the local optimizer."""
+    lr_schedule: str = "constant"
+    """Learning rate over rounds: constant, or cosine (lr in round 1, decaying towards 0 after the last round)."""
+    local_steps: int = 0
+    """Cap on local mini-batch steps per round (0: local_epochs whole epochs). Fewer steps, less drift."""
     optimizer_state: str = "keep"
     """After unify: keep each owner's optimizer state, or reset it to fresh."""
     target_accuracy: float = 0.0
@@ -148,6 +152,10 @@ class TrainConfig:
             out.append(f"train.lr must be > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             out.append(_choice("train.optimizer", self.optimizer, OPTIMIZERS))
+        if self.lr_schedule not in ("constant", "cosine"):
+            out.append(_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine")))
+        if self.local_steps < 0:
+            out.append(f"train.local_steps must be >= 0 (0: whole epochs), got {self.local_steps}")
         if self.optimizer_state not in ("keep", "reset"):
             out.append(_choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
         if not 0 <= self.target_accuracy <= 1:

@@ -29,7 +29,15 @@ from unify_dist.models import build_model
 from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.prox import proximal_term
 from unify_dist.scaffold import Scaffold
-from unify_dist.train import count_correct, epoch_generator, make_optimizer, per_class_correct, train_epoch
+from unify_dist.train import (
+    count_correct,
+    epoch_generator,
+    make_optimizer,
+    per_class_correct,
+    round_lr,
+    set_lr,
+    train_epoch,
+)
 from unify_dist.unify import Unifier, tail_size, verify_identical
 
 __all__ = ["run"]
@@ -163,18 +171,24 @@ def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
 def _train_locally(
     cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out, scaffold: Scaffold | None
 ) -> float:
-    batches = -(-len(data.train) // cfg.train.batch_size) * cfg.train.local_epochs
+    per_epoch = -(-len(data.train) // cfg.train.batch_size)
+    steps_left = cfg.train.local_steps  # 0: whole epochs
+    epochs = -(-steps_left // per_epoch) if steps_left else cfg.train.local_epochs
+    set_lr(optimizer, round_lr(cfg.train, round_))  # the schedule is a function of the round: nothing to restore
     loss = 0.0
     prox = proximal_term(model, cfg.train.fedprox_mu)  # FedProx: stay near the unified start (None: off)
     if scaffold is not None:
         scaffold.begin_round()
     on_grads = scaffold.correct_grads if scaffold is not None else None
-    with out.progress(f"round {round_}: local training", batches) as advance:
-        for epoch in range(cfg.train.local_epochs):
+    with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
+        for epoch in range(epochs):
             g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
+            take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
-                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox, on_grads=on_grads
-            )
+                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox,
+                on_grads=on_grads, max_steps=take,
+            )  # fmt: skip
+            steps_left -= take
     return loss
 
 

@@ -6,6 +6,7 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,13 +16,25 @@ from torch import Tensor, nn
 from unify_dist.config import TrainConfig
 from unify_dist.data import Split
 
-__all__ = ["make_optimizer", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
+__all__ = ["make_optimizer", "round_lr", "set_lr", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def round_lr(cfg: TrainConfig, round_: int) -> float:
+    """The local learning rate in round `round_` (1-based): a pure function of the round, nothing to restore."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (round_ - 1) / cfg.max_rounds))
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def epoch_generator(seed: int, round_: int, owner: int, epoch: int) -> torch.Generator:
@@ -40,15 +53,18 @@ def train_epoch(
     on_batch: Callable[[], None] | None = None,
     extra_loss: Callable[[], Tensor] | None = None,
     on_grads: Callable[[], None] | None = None,
+    max_steps: int = 0,
 ) -> float:
     """One pass over `data` in a seeded order; returns the mean training loss.
 
-    extra_loss is added to every batch's loss (FedProx); on_grads runs after backward, before the step.
+    extra_loss is added to every batch's loss (FedProx); on_grads runs after backward, before the step;
+    max_steps > 0 stops after that many batches (the seeded order's first max_steps batches).
     """
     model.train()
     order = torch.randperm(len(data), generator=generator).to(data.x.device)
     total = torch.zeros((), device=data.x.device)
-    for start in range(0, len(data), batch_size):
+    end = min(len(data), max_steps * batch_size) if max_steps else len(data)
+    for start in range(0, end, batch_size):
         idx = order[start : start + batch_size]
         loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
         if extra_loss is not None:
@@ -61,7 +77,7 @@ def train_epoch(
         total += loss.detach() * len(idx)  # stays on device: no sync per batch
         if on_batch is not None:
             on_batch()
-    return float(total) / max(len(data), 1)  # one host sync per epoch
+    return float(total) / max(end, 1)  # one host sync per epoch
 
 
 @torch.no_grad()
