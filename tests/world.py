@@ -51,14 +51,19 @@ def run_world(fn: Callable, world_size: int, *args: Any) -> list[Any]:
 
 
 def torchrun(
-    cli_args: list[str], nproc: int = 2, timeout: float = 300, env: dict[str, str] | None = None, extra: list[str] | None = None
+    cli_args: list[str],
+    nproc: int = 2,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+    module: str = "unify_dist",
 ):
-    """Run `torchrun --standalone --nproc_per_node=N -m unify_dist CLI_ARGS` as a subprocess; return it completed."""
+    """Run `torchrun --standalone --nproc_per_node=N -m MODULE CLI_ARGS` as a subprocess; return it completed."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *(extra or [])]
-    cmd += ["-m", "unify_dist", *cli_args]
+    cmd += ["-m", module, *cli_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
