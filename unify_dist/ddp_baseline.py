@@ -29,7 +29,7 @@ from unify_dist.distributed import Context, agree, all_gather_floats, init_conte
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
-from unify_dist.train import count_correct, epoch_generator, make_optimizer, train_epoch
+from unify_dist.train import count_correct, epoch_generator, make_optimizer, round_lr, set_lr, train_epoch
 from unify_dist.unify import verify_identical
 
 __all__ = ["train_ddp", "main"]
@@ -55,6 +55,7 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
     records, started = [], time.time()
     for epoch in range(1, cfg.train.max_rounds + 1):
         t0 = time.perf_counter()
+        set_lr(optimizer, round_lr(cfg.train, epoch))  # train.lr_schedule, epoch for round (constant: cfg.train.lr)
         g = epoch_generator(cfg.train.seed, epoch, ctx.rank, 0)  # unify-dist's order for round `epoch`
         with stage(f"DDP epoch {epoch}", ctx):
             loss = train_epoch(ddp, optimizer, data.train, cfg.train.batch_size, g)  # all_reduce every step
