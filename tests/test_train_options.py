@@ -11,7 +11,7 @@ from torch import nn
 
 from unify_dist.config import TrainConfig
 from unify_dist.data import Split
-from unify_dist.train import epoch_generator, round_lr, train_epoch
+from unify_dist.train import absent_class_scale, epoch_generator, round_lr, train_epoch
 
 
 def test_cosine_schedule_is_a_function_of_the_round() -> None:
@@ -33,7 +33,13 @@ def test_train_epoch_stops_after_max_steps(max_steps: int, expected: int) -> Non
     assert len(steps) == expected  # 100 images in batches of 32: 4 batches in a whole epoch
 
 
-@pytest.mark.parametrize("key,value", [("lr_schedule", "step"), ("local_steps", -1)])
+@pytest.mark.parametrize("key,value", [("lr_schedule", "step"), ("local_steps", -1), ("absent_class_scale", 1.5)])
 def test_config_refuses_bad_training_knobs(key: str, value) -> None:
     problems = dataclasses.replace(TrainConfig(), **{key: value}).problems()
     assert len(problems) == 1 and key in problems[0]
+
+
+def test_absent_class_scale_touches_only_missing_classes() -> None:
+    labels = torch.tensor([0, 2, 2, 4])
+    assert absent_class_scale(labels, 5, 1.0) is None  # off: the loss sees the plain logits
+    assert torch.equal(absent_class_scale(labels, 5, 0.5), torch.tensor([1.0, 0.5, 1.0, 0.5, 1.0]))

@@ -136,6 +136,9 @@ class TrainConfig:
     """torch threads per owner process (0: the machine's cores divided by the local owner count)."""
     fedprox_mu: float = 0.0
     """FedProx: add mu/2 * ||w - w_unified||^2 to the local loss, so owners stay near the unified model (0: off)."""
+    absent_class_scale: float = 1.0
+    """FedRS restricted softmax: in the local loss, logits of classes this owner has no images of are scaled
+    by this (< 1 keeps an owner from teaching the model that the others' classes never occur; 1: off)."""
     scaffold: bool = False
     """SCAFFOLD control variates: local gradients corrected by (mean of owners' last-round gradients - own);
     one extra all_reduce of the parameters per round."""
@@ -154,6 +157,8 @@ class TrainConfig:
             out.append(_choice("train.optimizer", self.optimizer, OPTIMIZERS))
         if self.lr_schedule not in ("constant", "cosine"):
             out.append(_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine")))
+        if not 0 <= self.absent_class_scale <= 1:
+            out.append(f"train.absent_class_scale must be in [0, 1] (1: off), got {self.absent_class_scale}")
         if self.local_steps < 0:
             out.append(f"train.local_steps must be >= 0 (0: whole epochs), got {self.local_steps}")
         if self.optimizer_state not in ("keep", "reset"):

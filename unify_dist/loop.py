@@ -30,6 +30,7 @@ from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.prox import proximal_term
 from unify_dist.scaffold import Scaffold
 from unify_dist.train import (
+    absent_class_scale,
     count_correct,
     epoch_generator,
     make_optimizer,
@@ -180,13 +181,14 @@ def _train_locally(
     if scaffold is not None:
         scaffold.begin_round()
     on_grads = scaffold.correct_grads if scaffold is not None else None
+    logit_scale = absent_class_scale(data.train.y, data.num_classes, cfg.train.absent_class_scale)  # FedRS
     with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
         for epoch in range(epochs):
             g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
             take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
                 model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox,
-                on_grads=on_grads, max_steps=take,
+                on_grads=on_grads, max_steps=take, logit_scale=logit_scale,
             )  # fmt: skip
             steps_left -= take
     return loss

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from unify_dist.config import TrainConfig
 from unify_dist.data import Split
 
-__all__ = ["make_optimizer", "round_lr", "set_lr", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
+__all__ = ["make_optimizer", "round_lr", "set_lr", "absent_class_scale", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -37,6 +37,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def absent_class_scale(labels: Tensor, num_classes: int, scale: float) -> Tensor | None:
+    """FedRS: a per-class logit factor, `scale` for classes absent from `labels`, 1 for the rest (None: off)."""
+    if scale == 1.0:
+        return None
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return torch.where(present, 1.0, scale).to(torch.float32)
+
+
 def epoch_generator(seed: int, round_: int, owner: int, epoch: int) -> torch.Generator:
     """The shuffling RNG for one local epoch: derived, never carried, so nothing needs restoring."""
     g = torch.Generator()
@@ -54,11 +62,13 @@ def train_epoch(
     extra_loss: Callable[[], Tensor] | None = None,
     on_grads: Callable[[], None] | None = None,
     max_steps: int = 0,
+    logit_scale: Tensor | None = None,
 ) -> float:
     """One pass over `data` in a seeded order; returns the mean training loss.
 
     extra_loss is added to every batch's loss (FedProx); on_grads runs after backward, before the step;
-    max_steps > 0 stops after that many batches (the seeded order's first max_steps batches).
+    max_steps > 0 stops after that many batches (the seeded order's first max_steps batches);
+    logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS).
     """
     model.train()
     order = torch.randperm(len(data), generator=generator).to(data.x.device)
@@ -66,7 +76,10 @@ def train_epoch(
     end = min(len(data), max_steps * batch_size) if max_steps else len(data)
     for start in range(0, end, batch_size):
         idx = order[start : start + batch_size]
-        loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        logits = model(data.x[idx])
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        loss = F.cross_entropy(logits, data.y[idx])
         if extra_loss is not None:
             loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
