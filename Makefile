@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo test test-fast bench reproduce data clean
+.PHONY: demo test test-fast bench reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -39,6 +39,14 @@ bench: $(STAMP) data
 reproduce: $(STAMP) data
 	$(PY) -m pip install -q matplotlib || echo "matplotlib not installed: the report will have tables but no plots"
 	$(PY) -m unify_dist.reproduce --rounds $(ROUNDS) --out results
+
+# Beyond the paper (unify_dist/experiments.py): 4 owners with a hostile one; label-skewed owners; DP noise.
+robust skew dp: $(STAMP) data
+	$(PY) -m unify_dist.experiments $@
+
+# unify-dist avg vs DistributedDataParallel over a 100 Mbit/s link between two network namespaces (root).
+netns: $(STAMP) data
+	PYTHON=$(PY) launch/netns_time_to_accuracy.sh configs/paper_v.toml
 
 clean:
 	rm -rf runs results .pytest_cache
