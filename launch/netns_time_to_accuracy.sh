@@ -18,7 +18,8 @@ me=netns_time_to_accuracy.sh
 netns_require "$me"
 config=${1:-configs/paper_v.toml}; shift || true
 target=${TARGET:-0.88} rate=${RATE:-100mbit} out=${OUT:-runs/netns_time_to_accuracy}
-threads=${THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
+cores=$(getconf _NPROCESSORS_ONLN)  # not nproc: it honours OMP_NUM_THREADS
+threads=${THREADS:-$(( cores / 2 > 0 ? cores / 2 : 1 ))}
 summary=${SUMMARY:-results/netns_time_to_accuracy.json}
 python=$(netns_python)
 common=(--config "$config" --set "train.threads=$threads" "$@")
@@ -68,10 +69,11 @@ run_pair() {  # DIR PORT ACC_FIELD ARGS...: one rank per namespace; stopped once
 echo "$me: unify-dist avg vs DDP to $target test accuracy; 1 rank in each of $NETNS_A, $NETNS_B over a $rate" \
   "veth link; config $config; $threads torch thread(s) per rank"
 echo "$me: [1/2] unify-dist avg"
+# DDP evaluates the test set once per epoch; unify-dist skips its local-model evaluation so both evaluate alike.
 run_pair "$out/unify" 29577 unified_test_acc -m unify_dist train "${common[@]}" \
-  --set unify.rule=avg --set "output.dir=$out/unify" --set output.resume=false
+  --set unify.rule=avg --set "output.dir=$out/unify" --set output.resume=false --set output.local_metrics=false
 echo "$me: [2/2] DDP"
 run_pair "$out/ddp" 29578 - -m unify_dist.ddp_baseline "${common[@]}" --target "$target" --out "$out/ddp"
 "$python" launch/time_to_accuracy.py summary --unify "$out/unify" --ddp "$out/ddp" --target "$target" --out "$summary" \
   --note "rate=$rate" --note "config=$config" --note "threads_per_rank=$threads" --note "overrides=$*" \
-  --note "host=$(nproc) cores, both namespaces on one machine"
+  --note "host=$cores cores, both namespaces on one machine"

@@ -43,3 +43,14 @@ def test_absent_class_scale_touches_only_missing_classes() -> None:
     labels = torch.tensor([0, 2, 2, 4])
     assert absent_class_scale(labels, 5, 1.0) is None  # off: the loss sees the plain logits
     assert torch.equal(absent_class_scale(labels, 5, 0.5), torch.tensor([1.0, 0.5, 1.0, 0.5, 1.0]))
+
+
+def test_local_metrics_off_records_none_not_zero() -> None:
+    from unify_dist.config import RunConfig
+    from unify_dist.loop import _record
+
+    # n_train, loss, local val c/t (0/0: not measured), unified val c/t, unify_s, then 4 x 2 per-class counts
+    row = [100.0, 0.5, 0.0, 0.0, 8.0, 10.0, 0.01, 0, 0, 0, 0, 4, 3, 5, 5]
+    record = _record(RunConfig(), 1, [row], ["ab"], [], n_classes=2)
+    assert record["owners"][0]["local_val_acc"] is None and record["owners"][0]["unified_val_acc"] == 0.8
+    assert record["unified_test_acc"] == 0.7

@@ -265,6 +265,9 @@ class OutputConfig:
     """Show rich progress bars on rank 0 (tables are always shown)."""
     all_ranks: bool = False
     """Let every rank print, prefixed by its rank (for debugging)."""
+    local_metrics: bool = True
+    """Evaluate each owner's local model before unify (the paper's local columns, the per-class matrix);
+    false skips those two evaluation passes per round."""
 
     def problems(self) -> list[str]:
         if self.keep_checkpoints < 1:

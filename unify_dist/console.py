@@ -68,7 +68,7 @@ class Reporter:
         table.add_column("unify ms", justify="right", width=9)  # fastest owner: the others also waited for it
         table.add_column("digest", width=17)
         cells = [str(record["round"])]
-        cells += [f"{o['local_val_acc']:.2%}" for o in owners]
+        cells += ["-" if o["local_val_acc"] is None else f"{o['local_val_acc']:.2%}" for o in owners]
         cells += [f"{record['min_unified_val_acc']:.2%}", f"{record['unified_test_acc']:.2%}"]
         cells += [f"{c['test_acc']:.2%}" for c in record.get("candidates", {}).values()]
         cells += [record["rule_used"]] if record["rule"] == "auto" else []

@@ -95,8 +95,11 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
         if scaffold is not None:
             with stage(f"SCAFFOLD control variates in round {round_}", ctx):
                 scaffold.end_round()  # collective
-        local_val = count_correct(model, data.val)
-        local_pc = per_class_correct(model, data.test, data.num_classes)
+        if cfg.output.local_metrics:
+            local_val = count_correct(model, data.val)
+            local_pc = per_class_correct(model, data.test, data.num_classes)
+        else:  # zero totals: recorded as "not measured"
+            local_val, local_pc = (0, 0), ([0] * data.num_classes, [0] * data.num_classes)
 
         corrupt_(flat, cfg.attack, ctx.rank, round_)  # experiments only: a simulated hostile owner ([attack])
 
@@ -260,7 +263,7 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
             "rank": rank,
             "n_train": int(base["n_train"]),
             "loss": base["loss"],
-            "local_val_acc": base["local_val_c"] / max(base["local_val_t"], 1),
+            "local_val_acc": base["local_val_c"] / base["local_val_t"] if base["local_val_t"] else None,
             "unified_val_acc": base["unified_val_c"] / max(base["unified_val_t"], 1),
             "unify_s": base["unify_s"],
             "digest": digests[rank],

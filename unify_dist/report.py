@@ -9,6 +9,7 @@ name is the centralised baseline. matplotlib is optional: without it the tables 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.2%}"
 
 
+def _nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
 def _with_paper(ours: float | None, paper: float | None) -> str:
     return _pct(ours) if paper is None else f"{_pct(ours)} ({_pct(paper)})"
 
@@ -306,7 +311,7 @@ def plot(env: Environment, path: Path) -> None:
         ax.plot(rounds, [100 * s.acc[r] for r in rounds], label=label, **style)
     ref = env.reference
     for o in range(env.owners):
-        accs = [100 * r["owners"][o]["local_val_acc"] for r in ref.records]
+        accs = [_nan_if_none(r["owners"][o]["local_val_acc"]) * 100 for r in ref.records]  # None: not measured
         style = dict(color="grey", lw=1.2, ls=(0, (1, 1 + o)), marker="^v<>"[o % 4], ms=4)
         ax.plot([r["round"] for r in ref.records], accs, label=f"local o{o} ({ref.rule} run, own val)", **style)
     if env.baseline:
