@@ -80,7 +80,7 @@ def _dp(args: argparse.Namespace) -> list[Run]:
     """What differential privacy costs in accuracy: 2 owners, IID, clip C = 1, growing noise."""
     base = ("data.partition=iid", f"data.train_per_owner={args.train_per_owner or 3000}", "data.test_size=4000")
     cfg, runs = "configs/paper_v.toml", [Run("no DP", "configs/paper_v.toml", base, 2, "dp")]
-    for z in ("0.0001", "0.001", "0.01"):
+    for z in ("0.0001", "0.01", "1.0"):
         sets = (*base, "unify.update_norm_bound=1.0", f"unify.dp_noise_multiplier={z}")
         runs.append(Run(f"C = 1, z = {z}", cfg, sets, 2, "dp"))
     return runs
