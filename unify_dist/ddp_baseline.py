@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from unify_dist.checkpoint import MetricsLog
 from unify_dist.config import RunConfig, load_config
 from unify_dist.console import Reporter
-from unify_dist.data import OwnerData, check_owner_count, load_owner_data, prepare_dataset
-from unify_dist.distributed import Context, agree, all_gather_floats, init_context, shutdown, stage
+from unify_dist.distributed import Context, all_gather_floats, init_context, shutdown, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
+from unify_dist.loop import load_data
 from unify_dist.models import build_model
 from unify_dist.train import count_correct, epoch_generator, make_optimizer, round_lr, set_lr, train_epoch
 from unify_dist.unify import verify_identical
@@ -40,7 +40,7 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
     out = Reporter(ctx.rank, progress=False)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))  # as loop.py
     torch.manual_seed(cfg.train.seed)
-    data = _load_data(cfg, ctx)
+    data = load_data(cfg, ctx)  # unify-dist's own: the same share per rank
     batches = [int(n) for (n,) in all_gather_floats([-(-len(data.train) // cfg.train.batch_size)], ctx)]  # collective
     if len(set(batches)) > 1:  # DDP all_reduces once per step: a rank with fewer steps leaves the others waiting
         raise UserError(f"DDP needs the same number of batches on every rank, got {batches}; use data.partition = iid")
@@ -82,20 +82,6 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
             out.info(f"reached {target:.2%} test accuracy in epoch {epoch}")
             break
     return records
-
-
-def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
-    """One process per machine prepares the files, then every rank loads its own share (as loop.py)."""
-    check_owner_count(cfg.data, ctx.world_size)
-    error = None
-    if ctx.local_rank == 0:
-        try:
-            prepare_dataset(cfg.data)
-        except UserError as e:
-            error = str(e)
-    with stage("dataset preparation", ctx):
-        agree(error, ctx, "preparing the dataset")  # collective
-    return load_owner_data(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ctx.device)
 
 
 def main(argv: list[str] | None = None) -> int:

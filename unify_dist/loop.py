@@ -41,7 +41,7 @@ from unify_dist.train import (
 )
 from unify_dist.unify import Unifier, tail_size, verify_identical
 
-__all__ = ["run"]
+__all__ = ["run", "load_data"]
 
 
 def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
         )
     if cfg.attack.owner >= 0:
         out.info(f"attack simulation: owner {cfg.attack.owner} sends corrupted weights ({cfg.attack.kind}) from round {cfg.attack.from_round}")
-    data = _load_data(cfg, ctx)
+    data = load_data(cfg, ctx)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     with stage("consistency check", ctx):
@@ -147,7 +147,7 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
     return records
 
 
-def _load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
+def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
     """One process per machine fetches or unpacks the files; then every owner loads its own share.
 
     Failures are agreed on (a collective) so that one owner's missing files stop everyone at once.
