@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=sorted(SUITES), help="which suite of runs")
     p.add_argument("--rounds", type=int, default=0, help="rounds per run (default: robust 8, skew 30)")
     p.add_argument("--train-per-owner", type=int, default=0, help="cap on each owner's training images (robust: 3000)")
-    p.add_argument("--only", default="", help="run only the runs whose label contains this text")
+    p.add_argument("--only", default="", help="run only this run (its exact label), or those whose label contains this text")
     p.add_argument("--out", default="", help="parent folder of the run directories (default results/SUITE)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     return p
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"results/{args.suite}")
         runs = SUITES[args.suite](args)
         jobs = _jobs(runs, args, out)
-        todo = [j for j in jobs if args.only in j.label]
+        exact = [j for j in jobs if j.label == args.only]
+        todo = exact or [j for j in jobs if args.only in j.label]  # an exact label picks just that run
         if not todo:
             raise UserError(f"--only '{args.only}' matches no run of suite {args.suite}; run with --dry-run to list them")
         if args.dry_run:
