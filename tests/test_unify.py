@@ -27,6 +27,8 @@ def _model(rank: int) -> nn.Module:
         model[1].running_mean.normal_()
         model[1].num_batches_tracked.fill_(10 * rank + (rank == 1) * (3 << 24))  # beyond float32's exact range
         model[2].weight[0, 0] = 0.75 * (-1) ** rank  # an exact +/- magnitude tie, for absmax's tie rule
+        # signed zeros, a subnormal and magnitudes >= 2: the corners of absmax's integer keys
+        model[0].weight[0, :4] = torch.tensor([0.0, -0.0, 1e-40, -3.5]) * (-1) ** rank
     return model
 
 
@@ -49,7 +51,9 @@ def test_collective_matches_reference(rule: str, impl: str, world: int) -> None:
     weights = torch.arange(1, world + 1, dtype=torch.float64)
     expected = RULES[rule](stacked, weights)
     for r in results:
-        if rule in EXACT:
+        if rule == "absmax":
+            assert torch.equal(r["after"].view(torch.int32), expected.view(torch.int32))  # bits: signed zeros too
+        elif rule in EXACT:
             assert torch.equal(r["after"], expected)
         else:
             torch.testing.assert_close(r["after"], expected, rtol=1e-6, atol=1e-7)

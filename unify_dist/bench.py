@@ -41,7 +41,8 @@ from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import MODELS, build_model
 from unify_dist.train import epoch_generator, train_epoch
-from unify_dist.unify import Unifier, tail_size
+from unify_dist.rules import absmax_keys_, absmax_unkeys_
+from unify_dist.unify import KEY_CHUNK, Unifier, in_chunks, tail_size
 
 __all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost"]
 
@@ -181,30 +182,10 @@ def _twin_params(model: nn.Module, name: str) -> list[nn.Parameter]:
     return list(twin.parameters())
 
 
-def _select_where(hi: Tensor, neg_lo: Tensor, out: Tensor) -> None:
-    """absmax's last step as unify.py does it now (torch.where is slow on one CPU thread)."""
-    torch.where(hi >= neg_lo, hi, neg_lo.neg_(), out=out)
-    neg_lo.neg_()  # undo, so every repeat sees the same data
-
-
-def _select_copysign(hi: Tensor, neg_lo: Tensor, out: Tensor, tmp: Tensor) -> None:
-    """The same selection without torch.where: |result| = max(hi, -lo), its sign that of hi + lo.
-
-    Bit-identical, ties and signed zeros included: IEEE round-to-nearest gets the sign of a sum exactly
-    (fl(hi - neg_lo) >= +0 exactly when hi >= neg_lo, and x - x is +0).
-    """
-    torch.maximum(hi, neg_lo, out=out)
-    torch.sub(hi, neg_lo, out=tmp)
-    torch.copysign(out, tmp, out=out)
-
-
-def _absmax_select_ops(n: int) -> dict[str, Callable[[], object]]:
-    """Timing ops for the selection step alone, on data shaped like absmax's all_reduce result."""
-    x = torch.randn(2, n)
-    hi, neg_lo = x.max(0).values, -x.min(0).values
-    out, tmp = torch.empty(n), torch.empty(n)
-    return {"select_where": lambda: _select_where(hi, neg_lo, out),
-            "select_copysign": lambda: _select_copysign(hi, neg_lo, out, tmp)}  # fmt: skip
+def _key_transform(keys: Tensor, scratch: Tensor) -> None:
+    """absmax's local work around its all_reduce, as unify.py does it: keys out and back, in cache-sized steps."""
+    in_chunks(absmax_keys_, keys, scratch)
+    in_chunks(absmax_unkeys_, keys, scratch)
 
 
 def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -218,7 +199,8 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     fast = Unifier(flat, UnifyConfig())
     gather = Unifier(flat, UnifyConfig(absmax_impl="gather", chunk_elements=args.chunk_elements))
     same_bytes = torch.zeros(n)  # zeros: float adds cost the same for any finite non-denormal value
-    absmax_bytes = torch.zeros(2 * n + world)
+    keys = flat.values.clone().view(torch.int32)  # absmax's payload: n int32 keys
+    key_scratch = torch.empty(min(KEY_CHUNK, n), dtype=torch.int32)
     fast.unify_("avg")  # gloo's first collective of a size sets up buffers: not what is measured below
     memory = {  # first calls, smallest expected first; each measured from a reset peak
         "avg": peak_extra_bytes(lambda: fast.unify_("avg")),
@@ -235,16 +217,16 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
         "nonfinite_check": lambda: bool(torch.isfinite(flat.values.sum())),
         "divide": lambda: flat.values.div_(1.0),
         "ints_all_reduce": lambda: dist.all_reduce(flat.ints, dist.ReduceOp.MAX) if flat.ints.numel() else None,
-        # and of absmax: its MAX all_reduce over [x, -x], and its selection step two ways
-        "max_all_reduce_2n": lambda: dist.all_reduce(absmax_bytes, dist.ReduceOp.MAX),
-        **_absmax_select_ops(n),
+        # and of absmax: its MAX all_reduce over n int32 keys, and the key transform out and back
+        "max_all_reduce_keys": lambda: dist.all_reduce(keys, dist.ReduceOp.MAX),
+        "key_transform": lambda: _key_transform(keys, key_scratch),
     }
     times = time_ops(ops, args.repeats, args.warmup)
     peak = torch.tensor([-1 if v is None else v for v in memory.values()], dtype=torch.float64)
     dist.all_reduce(peak, dist.ReduceOp.MAX)  # the hungriest owner
     return {"model": name, "owners": world, "params": n, "ints": flat.ints.numel(), "times": times,
             "peak_extra_bytes": {k: (None if v < 0 else int(v)) for k, v in zip(memory, peak.tolist())},
-            "scratch_bytes": {"avg": 0, "absmax_reduce": 4 * (2 * n + world),
+            "scratch_bytes": {"avg": 0, "absmax_reduce": 4 * min(KEY_CHUNK, n),
                               "absmax_gather": 4 * world * min(args.chunk_elements, n)}}  # fmt: skip
 
 
@@ -337,8 +319,8 @@ def _diagnosis_row(case: dict[str, Any]) -> dict[str, Any]:
             "all_reduce_s": t["all_reduce"], "overhead_s": over, "overhead_ratio": t["avg"] / t["all_reduce"],
             "nonfinite_check_s": t["nonfinite_check"], "divide_s": t["divide"],
             "ints_all_reduce_s": ints, "rest_s": over - t["nonfinite_check"] - t["divide"] - ints,
-            "absmax_s": t["absmax_reduce"], "max_all_reduce_2n_s": t["max_all_reduce_2n"],
-            "select_where_s": t["select_where"], "select_copysign_s": t["select_copysign"]}  # fmt: skip
+            "absmax_s": t["absmax_reduce"], "max_all_reduce_keys_s": t["max_all_reduce_keys"],
+            "key_transform_s": t["key_transform"]}  # fmt: skip
 
 
 def _scaling_rows(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -482,12 +464,12 @@ def _print(result: dict[str, Any]) -> None:
                   result["absmax_memory"], {"model": str, "owners": str, "impl": str, "time_s": _fmt_s,
                   "ratio_vs_avg": "{:.2f}".format, "scratch_bytes": _fmt_bytes,
                   "peak_extra_bytes": _fmt_bytes})  # fmt: skip
-    _print_simple(console, "where unify's time goes: avg beyond one all_reduce; absmax's all_reduce and selection",
+    _print_simple(console, "where unify's time goes: avg beyond one all_reduce; absmax's all_reduce and key transform",
                   result["diagnosis"],
                   {"model": str, "owners": str, "overhead_ratio": "{:.3f}".format, "all_reduce_s": _fmt_s,
                    "overhead_s": _fmt_s, "nonfinite_check_s": _fmt_s, "divide_s": _fmt_s,
-                   "ints_all_reduce_s": _fmt_s, "rest_s": _fmt_s, "absmax_s": _fmt_s, "max_all_reduce_2n_s": _fmt_s,
-                   "select_where_s": _fmt_s, "select_copysign_s": _fmt_s})  # fmt: skip
+                   "ints_all_reduce_s": _fmt_s, "rest_s": _fmt_s, "absmax_s": _fmt_s, "max_all_reduce_keys_s": _fmt_s,
+                   "key_transform_s": _fmt_s})  # fmt: skip
     _print_simple(console, "growth: avg unify vs parameters and owners (flat model)", result["scaling"],
                   {"params": "{:,}".format, "owners": str, "avg_s": _fmt_s, "all_reduce_s": _fmt_s,
                    "ratio": "{:.2f}".format, "avg_ns_per_param": "{:.2f}".format})  # fmt: skip

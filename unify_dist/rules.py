@@ -34,6 +34,9 @@ __all__ = [
     "weighted_avg",
     "max_rule",
     "absmax",
+    "absmax_keys_",
+    "absmax_unkeys_",
+    "KEY_DTYPES",
     "median",
     "trimmed_mean",
     "ties",
@@ -113,12 +116,42 @@ def absmax(stacked: Tensor, weights: Tensor) -> Tensor:
     """Per element, the value of largest magnitude over owners, sign kept (the paper's absmax).
 
     Tie rule: when the largest magnitude is held by both a positive and a negative value (x and -x),
-    the positive one wins. Written as max vs. -min so the all_reduce implementation (one MAX over
-    [x, -x]) computes bit-for-bit the same thing.
+    the positive one wins; for zeros, +0.0 beats -0.0. The all_reduce implementation computes exactly
+    this, bit for bit, as a MAX over `absmax_keys_`.
     """
-    hi = stacked.amax(0)
-    lo = stacked.amin(0)
-    return torch.where(hi >= -lo, hi, lo)
+    top = stacked.abs().amax(0)
+    positive_top = ((stacked == top) & ~stacked.signbit()).any(0)
+    return torch.where(positive_top, top, -top)
+
+
+KEY_DTYPES = {torch.float32: torch.int32, torch.float64: torch.int64}
+"""Float dtypes whose bit patterns absmax_keys_ maps into the integer type of the same width."""
+
+
+def absmax_keys_(bits: Tensor, scratch: Tensor) -> None:
+    """In place: float bit patterns (a float32/64 tensor viewed as int32/64) become absmax's order as integers.
+
+    key = ((magnitude bits << 1) | positive) ^ sign bit: magnitude first, then positive over negative,
+    shifted so that signed integer order is that order. So a MAX over owners' keys is absmax, ties
+    included, and moves the same bytes as avg's SUM. `scratch`: an integer tensor of bits' shape.
+    Every step is an integer op on the bit pattern: exact for every finite value, zeros and subnormals.
+    """
+    width = bits.element_size() * 8
+    sign = -(1 << (width - 1))
+    torch.bitwise_right_shift(bits, width - 1, out=scratch)  # -1 where negative, 0 elsewhere
+    bits.bitwise_left_shift_(1)  # magnitude << 1; the sign bit falls off
+    bits.bitwise_xor_(sign | 1)  # low bit 1 (positive), and signed order = unsigned order
+    bits.add_(scratch)  # negatives: low bit back to 0 (no carry: it was 1)
+
+
+def absmax_unkeys_(keys: Tensor, scratch: Tensor) -> None:
+    """In place: the inverse of absmax_keys_, keys back to float bit patterns."""
+    width = keys.element_size() * 8
+    torch.bitwise_and(keys, 1, out=scratch)
+    scratch.bitwise_left_shift_(width - 1)  # positive -> the sign bit; flipped below, so positive ends clear
+    keys.bitwise_right_shift_(1)  # (magnitude - 2^(width-2)), as keys hold it shifted by the sign bit
+    keys.sub_(1 << (width - 2))  # the magnitude bits with the sign bit set
+    keys.bitwise_xor_(scratch)  # positives: clear the sign bit
 
 
 # --- Robust rules: coordinate-wise, so the chunked gather path runs them with bounded memory. ---

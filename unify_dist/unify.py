@@ -3,14 +3,14 @@
 Fast paths use one all_reduce over the flat buffer:
   avg / weighted_avg  SUM of (weight * x), then divide by the summed weight;
   max                 MAX of x;
-  absmax (reduce)     MAX of [x, -x] gives max and -min at once; per element pick max if
-                      max >= -min else min (the reference's tie rule, bit for bit).
+  absmax (reduce)     MAX of integer keys that order values by magnitude, then positive over
+                      negative (rules.absmax_keys_): the reference's tie rule, bit for bit.
 Any other registered rule (and absmax with absmax_impl = "gather") gathers the owners' values chunk
 by chunk and applies the pure reference from unify_dist.rules: extra memory owners x chunk_elements.
 
 Non-finite weights are caught before anything is combined. Each owner checks its own values; a sick
 owner contributes the rule's neutral element (0 with weight 0 for sums, -inf for MAX: never a zero,
-which would corrupt max) and raises its flag in the buffer's tail, which rides in the same collective.
+which would corrupt max; -0.0, the smallest key, for absmax) and raises its flag in the buffer's tail, which rides in the same collective.
 So the health check costs no extra round trip, and with nonfinite = "skip" the round's result is
 exactly the rule over the healthy owners.
 
@@ -37,13 +37,16 @@ from torch import Tensor, nn
 
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
-from unify_dist.rules import RULES, SPECS, RuleSpec, clip_factor, server_step
+from unify_dist.rules import KEY_DTYPES, RULES, SPECS, RuleSpec, absmax_keys_, absmax_unkeys_, clip_factor, server_step
 from unify_dist.secure import FRACTION_BITS, exchange_pair_secrets, masked_contribution
 
-__all__ = ["Unifier", "UnifyOutcome", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical"]
+__all__ = ["Unifier", "UnifyOutcome", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical", "in_chunks"]
 
 FAST_RULES = ("avg", "weighted_avg", "max", "absmax", "secure_avg")
 """Rules with a one-all_reduce path (absmax only with absmax_impl = "reduce"); the rest gather."""
+
+KEY_CHUNK = 1 << 16
+"""Elements per step of absmax's key transform: 256 KiB of int32, so each step's passes stay in L2."""
 
 
 class NonFiniteError(RuntimeError):
@@ -76,7 +79,9 @@ class Unifier:
         self.world = dist.get_world_size(group)
         if flat.tail.numel() < tail_size(self.world):
             raise ValueError(f"FlatState tail holds {flat.tail.numel()} elements, need {tail_size(self.world)}")
-        self._scratch: Tensor | None = None  # absmax's [x, -x] buffer, made on first use
+        # absmax's one-all_reduce path needs integer keys as wide as the floats (float32/64); else gather
+        self._absmax_reduce = cfg.absmax_impl == "reduce" and flat.buffer.dtype in KEY_DTYPES
+        self._scratch: Tensor | None = None  # absmax's key-transform scratch, made on first use
         self._pair_secrets: dict[int, bytes] | None = None  # secure_avg: exchanged on first use
         self._secure_calls = 0  # secure_avg's mask nonce: equal on every rank, never reused with one secret
         # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
@@ -127,12 +132,12 @@ class Unifier:
             sick_msg = None
         if sick_tensor is None:
             self._prepare(spec, delta)
-        rides_in_tail = rule in FAST_RULES and not (rule == "absmax" and self.cfg.absmax_impl == "gather")
+        rides_in_tail = rule in FAST_RULES and not (rule == "absmax" and not self._absmax_reduce)
         if rule in ("avg", "weighted_avg"):
             flags = self._sum(weight if rule == "weighted_avg" else 1.0, sick_tensor is not None)
         elif rule == "max":
             flags = self._max(sick_tensor is not None)
-        elif rule == "absmax" and self.cfg.absmax_impl == "reduce":
+        elif rule == "absmax" and self._absmax_reduce:
             flags = self._absmax(sick_tensor is not None)
         elif rule == "secure_avg":
             flags = self._secure_sum(sick_tensor is not None)
@@ -287,24 +292,23 @@ class Unifier:
         return tail[: self.world].tolist()
 
     def _absmax(self, sick: bool) -> list[float]:
-        n, values = self.flat.numel, self.flat.values
-        if self._scratch is None:
-            self._scratch = torch.empty(2 * n + self.flat.tail.numel(), dtype=values.dtype, device=values.device)
-        scratch = self._scratch
-        hi, neg_lo, tail = scratch[:n], scratch[n : 2 * n], scratch[2 * n :]
-        self._reset_tail(tail, sick, neutral=float("-inf"))
+        """absmax as one all_reduce MAX over integer keys (rules.absmax_keys_): the bytes of avg's SUM.
+
+        The whole buffer, tail included, travels as keys: the tail's flags and integer halves are
+        non-negative floats, whose key order is their value order, and -0.0 (the smallest key) is the
+        neutral element. The key transform runs in KEY_CHUNK steps, so it stays in cache and its scratch
+        is small whatever the model size or owner count.
+        """
+        buffer, tail = self.flat.buffer, self.flat.tail
+        self._reset_tail(tail, sick, neutral=-0.0)
         if sick:
-            scratch[: 2 * n].fill_(float("-inf"))
-        else:
-            hi.copy_(values)
-            torch.neg(values, out=neg_lo)
-        dist.all_reduce(scratch, dist.ReduceOp.MAX, group=self.group)  # hi = max x, neg_lo = -min x
-        # The larger of max and -min is the magnitude; the sign of (max - (-min)) says who won. On a tie
-        # x - x is +0.0, so the positive value wins: rules.absmax's tie rule, bit for bit, in three
-        # passes with no boolean mask (about 3x faster than torch.where here).
-        torch.maximum(hi, neg_lo, out=values)
-        torch.sub(hi, neg_lo, out=hi)
-        torch.copysign(values, hi, out=values)
+            self.flat.values.fill_(-0.0)  # the smallest key: never wins over a healthy owner's value
+        keys = buffer.view(KEY_DTYPES[buffer.dtype])
+        if self._scratch is None:
+            self._scratch = torch.empty(min(KEY_CHUNK, keys.numel()), dtype=keys.dtype, device=keys.device)
+        in_chunks(absmax_keys_, keys, self._scratch)
+        dist.all_reduce(keys, dist.ReduceOp.MAX, group=self.group)
+        in_chunks(absmax_unkeys_, keys, self._scratch)
         self._unpack_ints(tail)
         return tail[: self.world].tolist()
 
@@ -327,6 +331,14 @@ class Unifier:
             stacked = rows[:, : end - start] if len(healthy) == self.world else rows[healthy, : end - start]
             values[start:end] = fn(stacked, weights)
         return flags
+
+
+def in_chunks(step, keys: Tensor, scratch: Tensor) -> None:
+    """Apply an in-place key step to `keys` one scratch-sized piece at a time."""
+    size = scratch.numel()
+    for start in range(0, keys.numel(), size):
+        piece = keys[start : start + size]
+        step(piece, scratch[: piece.numel()])
 
 
 def _needs_anchor(cfg: UnifyConfig) -> bool:
