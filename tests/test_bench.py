@@ -52,6 +52,8 @@ def test_bad_option_is_one_line_and_exit_2(bad: list[str], capsys: pytest.Captur
 def test_gather_cost_counts_one_collective_per_chunk(n: int, chunk: int, collectives: int) -> None:
     assert collective_cost("absmax", "gather", n, 0, 3, chunk)["collectives"] == collectives
     assert collective_cost("avg", "reduce", n, 2, 3, chunk)["collectives"] == 1  # int counters ride in the tail
+    # absmax's keys are as wide as the floats: the same payload as avg
+    assert collective_cost("absmax", "reduce", n, 2, 3, chunk) == {**collective_cost("avg", "reduce", n, 2, 3, chunk), "rule": "absmax"}
 
 
 def _avg_both_ways(rank: int, world: int) -> dict[str, list[torch.Tensor]]:

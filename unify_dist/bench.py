@@ -163,9 +163,8 @@ def collective_cost(rule: str, impl: str, n: int, n_ints: int, world: int, chunk
         payload = 4 * n + 16 + 8 * n_ints  # its values chunk by chunk, (flag, weight) in float64, int64 counters
         sent = (world - 1) * (4 * n + 16) + 2 * (world - 1) / world * 8 * n_ints
         count = 1 + chunks + (1 if n_ints else 0)
-    else:  # one all_reduce: values (twice for absmax) and a tail of flags, weight and every owner's counters
-        tail = world + 1 + 2 * n_ints * world
-        elements = (2 * n if rule == "absmax" else n) + tail
+    else:  # one all_reduce: values (absmax's as int32 keys) and a tail of flags, weight and every owner's counters
+        elements = n + world + 1 + 2 * n_ints * world
         # secure_avg sends int64 fixed point (8 bytes); its pairwise secrets are exchanged once per process
         payload, count = (8 if rule == "secure_avg" else 4) * elements, 1
         sent = 2 * (world - 1) / world * payload
