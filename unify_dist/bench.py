@@ -214,7 +214,7 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
         "absmax_gather": lambda: gather.unify_("absmax"),
         # the pieces of avg besides its all_reduce, to explain a ratio above target
         "nonfinite_check": lambda: bool(torch.isfinite(flat.values.sum())),
-        "divide": lambda: flat.values.div_(1.0),
+        "divide": lambda: flat.values.mul_(1.0),  # as unify does it: times the reciprocal
         "ints_all_reduce": lambda: dist.all_reduce(flat.ints, dist.ReduceOp.MAX) if flat.ints.numel() else None,
         # and of absmax: its MAX all_reduce over n int32 keys, and the key transform out and back
         "max_all_reduce_keys": lambda: dist.all_reduce(keys, dist.ReduceOp.MAX),
