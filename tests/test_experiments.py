@@ -1,0 +1,62 @@
+"""The experiment suites' driver (make robust/skew/dp): its summary of metrics.jsonl files, its run
+selection, and bad options as one line with exit 2. The runs themselves are `unify-dist train`,
+tested end to end elsewhere; here they are written by hand, in the format the loop writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unify_dist import experiments
+
+
+def _write_run(run_dir: Path, unified: list[float], candidates: dict[str, list[float]]) -> None:
+    run_dir.mkdir(parents=True)
+    lines = []
+    for i, acc in enumerate(unified):
+        cands = {rule: {"test_acc": accs[i], "min_val_acc": accs[i]} for rule, accs in candidates.items()}
+        lines.append(json.dumps({"round": i + 1, "unified_test_acc": acc, "candidates": cands}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_summary_has_a_row_per_run_and_per_side_by_side_candidate(tmp_path: Path) -> None:
+    args = experiments._parser().parse_args(["skew", "--out", str(tmp_path)])
+    runs = experiments.SUITES["skew"](args)
+    jobs = experiments._jobs(runs, args, tmp_path)
+    side = next(i for i, r in enumerate(runs) if "max, absmax side by side" in r.label)
+    _write_run(jobs[side].out_dir, [0.80, 0.86, 0.84, 0.87], {"max": [0.5, 0.6, 0.7, 0.8], "absmax": [0.8, 0.85, 0.9, 0.84]})
+
+    rows = experiments.summarise(runs, jobs)
+    by_label = {r["label"]: r for r in rows}
+    assert len(rows) == len(runs) + 2  # every run (measured or not) and the two candidates
+    run = by_label[runs[side].label]
+    assert (run["final"], run["best"], run["best_round"], run["first_round_85"]) == (0.87, 0.87, 4, 2)
+    assert run["mean_last5"] == pytest.approx((0.80 + 0.86 + 0.84 + 0.87) / 4)
+    absmax = by_label[f"{runs[side].label}: absmax side by side"]
+    assert (absmax["final"], absmax["best"], absmax["best_round"], absmax["first_round_85"]) == (0.84, 0.9, 3, 2)
+    assert by_label[f"{runs[side].label}: max side by side"]["first_round_85"] is None  # never got there
+    text = experiments._markdown(rows, "skew")
+    assert "| 87.00% | 87.00% (4) |" in text and text.count("not run") == len(runs) - 1
+
+
+def test_exact_label_picks_one_run_and_dry_run_prints_its_command(capsys: pytest.CaptureFixture) -> None:
+    assert experiments.main(["skew", "--only", "H, avg, SGD; max, absmax side by side", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert "configs/h_sgd.toml" in lines[0] and "unify.compare=max,absmax" in lines[0]
+    assert "--nproc_per_node=2" in lines[0]
+
+
+def test_dirichlet_runs_have_four_owners(capsys: pytest.CaptureFixture) -> None:
+    assert experiments.main(["skew", "--only", "dirichlet", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("--nproc_per_node=4" in line and "data.alpha=0.1" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["skew", "--only", "no such run"], ["robust", "--rounds", "-1"]])
+def test_bad_option_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert experiments.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("experiments: error:") and "\n" not in err
