@@ -26,7 +26,8 @@ def test_summary_has_a_row_per_run_and_per_side_by_side_candidate(tmp_path: Path
     runs = experiments.SUITES["skew"](args)
     jobs = experiments._jobs(runs, args, tmp_path)
     side = next(i for i, r in enumerate(runs) if "max, absmax side by side" in r.label)
-    _write_run(jobs[side].out_dir, [0.80, 0.86, 0.84, 0.87], {"max": [0.5, 0.6, 0.7, 0.8], "absmax": [0.8, 0.85, 0.9, 0.84]})
+    candidates = {"max": [0.5, 0.6, 0.7, 0.8], "absmax": [0.8, 0.85, 0.9, 0.84]}
+    _write_run(jobs[side].out_dir, [0.80, 0.86, 0.84, 0.87], candidates)
 
     rows = experiments.summarise(runs, jobs)
     by_label = {r["label"]: r for r in rows}

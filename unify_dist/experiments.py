@@ -114,7 +114,7 @@ def _jobs(runs: list[Run], args: argparse.Namespace, out: Path) -> list[Job]:
 
 
 def summarise(runs: list[Run], jobs: list[Job]) -> list[dict]:
-    """Final and best unified test accuracy of every run (and of its side-by-side candidates), from its metrics.jsonl."""
+    """Final and best unified test accuracy of every run and of its side-by-side candidates, from metrics.jsonl."""
     rows = []
     for run, job in zip(runs, jobs):
         path = job.out_dir / "metrics.jsonl"
@@ -135,15 +135,16 @@ def summarise(runs: list[Run], jobs: list[Job]) -> list[dict]:
 
 
 def _markdown(rows: list[dict], title: str) -> str:
-    lines = [f"## {title}", "", "| run | owners | rounds | final | best (round) | mean of last 5 | first round >= 85% |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    header = "| run | owners | rounds | final | best (round) | mean of last 5 | first round >= 85% |"
+    lines = [f"## {title}", "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if not r["rounds"]:
             lines.append(f"| {r['label']} | | not run | | | | |")
             continue
         label = r["label"] + (f" (epsilon {r['dp_epsilon']:.3g})" if r.get("dp_epsilon") is not None else "")
         lines.append(f"| {label} | {r['owners']} | {r['rounds']} | {r['final']:.2%} | "
-                     f"{r['best']:.2%} ({r['best_round']}) | {r['mean_last5']:.2%} | {r['first_round_85'] or '-'} |")  # fmt: skip
+                     f"{r['best']:.2%} ({r['best_round']}) | {r['mean_last5']:.2%} | "
+                     f"{r['first_round_85'] or '-'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -10,9 +10,9 @@ by chunk and applies the pure reference from unify_dist.rules: extra memory owne
 
 Non-finite weights are caught before anything is combined. Each owner checks its own values; a sick
 owner contributes the rule's neutral element (0 with weight 0 for sums, -inf for MAX: never a zero,
-which would corrupt max; -0.0, the smallest key, for absmax) and raises its flag in the buffer's tail, which rides in the same collective.
-So the health check costs no extra round trip, and with nonfinite = "skip" the round's result is
-exactly the rule over the healthy owners.
+which would corrupt max; -0.0, the smallest key, for absmax) and raises its flag in the buffer's tail,
+which rides in the same collective. So the health check costs no extra round trip, and with
+nonfinite = "skip" the round's result is exactly the rule over the healthy owners.
 
 Beyond the paper, around any rule (all off by default, and then the paths above run untouched):
   space = "delta"        each owner sends its update x - anchor, the rule combines updates and the
@@ -40,13 +40,18 @@ from unify_dist.flat import FlatState
 from unify_dist.rules import KEY_DTYPES, RULES, SPECS, RuleSpec, absmax_keys_, absmax_unkeys_, clip_factor, server_step
 from unify_dist.secure import FRACTION_BITS, exchange_pair_secrets, masked_contribution
 
-__all__ = ["Unifier", "UnifyOutcome", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical", "in_chunks"]
+__all__ = [
+    "Unifier", "UnifyOutcome", "NonFiniteError", "DivergenceError",
+    "tail_size", "verify_identical", "in_chunks", "key_chunk",
+]  # fmt: skip
 
 FAST_RULES = ("avg", "weighted_avg", "max", "absmax", "secure_avg")
 """Rules with a one-all_reduce path (absmax only with absmax_impl = "reduce"); the rest gather."""
 
-KEY_CHUNK = 1 << 16
-"""Elements per step of absmax's key transform: 256 KiB of int32, so each step's passes stay in L2."""
+def key_chunk(device: torch.device) -> int:
+    """Elements per step of absmax's key transform: on a CPU 256 KiB of int32, so each step's passes stay
+    in L2; elsewhere (GPUs) 64 MiB, since each op of a step is a kernel launch."""
+    return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
 class NonFiniteError(RuntimeError):
@@ -299,8 +304,8 @@ class Unifier:
 
         The whole buffer, tail included, travels as keys: the tail's flags and integer halves are
         non-negative floats, whose key order is their value order, and -0.0 (the smallest key) is the
-        neutral element. The key transform runs in KEY_CHUNK steps, so it stays in cache and its scratch
-        is small whatever the model size or owner count.
+        neutral element. The key transform runs in key_chunk() steps, so on a CPU it stays in cache, and its
+        scratch is bounded whatever the model size or owner count.
         """
         buffer, tail = self.flat.buffer, self.flat.tail
         self._reset_tail(tail, sick, neutral=-0.0)
@@ -308,7 +313,8 @@ class Unifier:
             self.flat.values.fill_(-0.0)  # the smallest key: never wins over a healthy owner's value
         keys = buffer.view(KEY_DTYPES[buffer.dtype])
         if self._scratch is None:
-            self._scratch = torch.empty(min(KEY_CHUNK, keys.numel()), dtype=keys.dtype, device=keys.device)
+            size = min(key_chunk(keys.device), keys.numel())
+            self._scratch = torch.empty(size, dtype=keys.dtype, device=keys.device)
         in_chunks(absmax_keys_, keys, self._scratch)
         dist.all_reduce(keys, dist.ReduceOp.MAX, group=self.group)
         in_chunks(absmax_unkeys_, keys, self._scratch)
