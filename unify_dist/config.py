@@ -177,7 +177,7 @@ class UnifyConfig:
     rule: str = "avg"
     """How owners' weights become one: avg, weighted_avg, max, absmax, median, trimmed_mean, ties (unify_dist.rules)."""
     absmax_impl: str = "reduce"
-    """absmax through one all_reduce MAX of [x, -x] (reduce) or a chunked all_gather (gather)."""
+    """absmax through one all_reduce MAX of integer keys (reduce: the bytes of avg) or a chunked all_gather (gather)."""
     chunk_elements: int = 1 << 20
     """Elements per all_gather chunk of the gather implementations: bounds their extra memory."""
     nonfinite: str = "fail"
