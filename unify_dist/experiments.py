@@ -66,6 +66,7 @@ def _skew(args: argparse.Namespace) -> list[Run]:
         ("avg, SGD; max, absmax side by side", sgd, ("unify.compare=max,absmax",)),
         ("avg, SGD; delta-space absmax, ties side by side", sgd, ("unify.space=delta", "unify.compare=absmax,ties")),
         ("SCAFFOLD, SGD", sgd, ("train.scaffold=true",)),
+        ("avg, SGD, cosine learning rate", sgd, ("train.lr_schedule=cosine",)),
     ]  # fmt: skip
     runs = [Run(f"H, {label}", cfg, (*cap, *sets), 2, "H, 2 owners") for label, cfg, sets in methods]
     d = ("data.partition=dirichlet", "data.alpha=0.1")
