@@ -37,7 +37,9 @@ from torch import Tensor, nn
 
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
-from unify_dist.rules import KEY_DTYPES, RULES, SPECS, RuleSpec, absmax_keys_, absmax_unkeys_, clip_factor, server_step
+from unify_dist.rules import (
+    KEY_DTYPES, RULES, SPECS, RuleSpec, absmax_keys_, absmax_unkeys_, clip_factor, server_step,
+)  # fmt: skip
 from unify_dist.secure import FRACTION_BITS, exchange_pair_secrets, masked_contribution
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
 
 FAST_RULES = ("avg", "weighted_avg", "max", "absmax", "secure_avg")
 """Rules with a one-all_reduce path (absmax only with absmax_impl = "reduce"); the rest gather."""
+
 
 def key_chunk(device: torch.device) -> int:
     """Elements per step of absmax's key transform: on a CPU 256 KiB of int32, so each step's passes stay
@@ -304,8 +307,8 @@ class Unifier:
 
         The whole buffer, tail included, travels as keys: the tail's flags and integer halves are
         non-negative floats, whose key order is their value order, and -0.0 (the smallest key) is the
-        neutral element. The key transform runs in key_chunk() steps, so on a CPU it stays in cache, and its
-        scratch is bounded whatever the model size or owner count.
+        neutral element. The key transform runs in key_chunk() steps, so on a CPU it stays in cache,
+        and its scratch is bounded whatever the model size or owner count.
         """
         buffer, tail = self.flat.buffer, self.flat.tail
         self._reset_tail(tail, sick, neutral=-0.0)
