@@ -111,23 +111,34 @@ def _settings(argv: list[str]) -> argparse.Namespace:
 # ---------------------------------------------------------------- measuring
 
 
-def _timed(fn: Callable[[], object]) -> float:
+MIN_SAMPLE_S = 0.005
+"""Shortest timed sample: an op faster than this is called several times back to back per sample, so a
+sub-millisecond collective is not measured at the resolution of scheduler noise."""
+
+
+def _timed(fn: Callable[[], object], calls: int = 1) -> float:
     dist.barrier()  # everyone starts together, so a collective's time is not time spent waiting for a peer
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
 
 
 def time_ops(ops: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each op; ops interleaved per repeat, so load drift on a shared CPU hits all alike.
+    """Median seconds per call of each op; ops interleaved per repeat, so load drift on a shared CPU hits all alike.
 
     A collective: every rank calls it with the same ops. Per repeat the slowest rank's time counts,
-    because a collective is only done when its last owner is.
+    because a collective is only done when its last owner is. Each sample lasts at least MIN_SAMPLE_S
+    (an op's calls per sample come from its slowest warm-up call, agreed over ranks).
     """
     for _ in range(warmup):
         for fn in ops.values():
             _timed(fn)
-    times = torch.tensor([[_timed(fn) for fn in ops.values()] for _ in range(repeats)], dtype=torch.float64)
+    first = torch.tensor([_timed(fn) for fn in ops.values()], dtype=torch.float64)
+    dist.all_reduce(first, dist.ReduceOp.MAX)  # every rank must make the same number of calls
+    calls = [max(1, math.ceil(MIN_SAMPLE_S / max(t, 1e-9))) for t in first.tolist()]
+    times = torch.tensor([[_timed(fn, k) for fn, k in zip(ops.values(), calls)] for _ in range(repeats)],
+                         dtype=torch.float64)  # fmt: skip
     dist.all_reduce(times, dist.ReduceOp.MAX)
     return {name: statistics.median(times[:, i].tolist()) for i, name in enumerate(ops)}
 
