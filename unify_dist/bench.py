@@ -210,7 +210,7 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     gather = Unifier(flat, UnifyConfig(absmax_impl="gather", chunk_elements=args.chunk_elements))
     same_bytes = torch.zeros(n)  # zeros: float adds cost the same for any finite non-denormal value
     keys = flat.values.clone().view(torch.int32)  # absmax's payload: n int32 keys
-    key_scratch = torch.empty(min(key_chunk(torch.device("cpu")), n), dtype=torch.int32)
+    key_scratch = torch.empty(min(key_chunk(torch.device("cpu")), n), dtype=torch.int32)  # as unify's
     fast.unify_("avg")  # gloo's first collective of a size sets up buffers: not what is measured below
     memory = {  # first calls, smallest expected first; each measured from a reset peak
         "avg": peak_extra_bytes(lambda: fast.unify_("avg")),
@@ -236,7 +236,7 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     dist.all_reduce(peak, dist.ReduceOp.MAX)  # the hungriest owner
     return {"model": name, "owners": world, "params": n, "ints": flat.ints.numel(), "times": times,
             "peak_extra_bytes": {k: (None if v < 0 else int(v)) for k, v in zip(memory, peak.tolist())},
-            "scratch_bytes": {"avg": 0, "absmax_reduce": 4 * min(key_chunk(torch.device("cpu")), n),
+            "scratch_bytes": {"avg": 0, "absmax_reduce": key_scratch.nbytes,
                               "absmax_gather": 4 * world * min(args.chunk_elements, n)}}  # fmt: skip
 
 

@@ -140,7 +140,7 @@ class Unifier:
             sick_msg = None
         if sick_tensor is None:
             self._prepare(spec, delta)
-        rides_in_tail = rule in FAST_RULES and not (rule == "absmax" and not self._absmax_reduce)
+        rides_in_tail = rule in FAST_RULES and (rule != "absmax" or self._absmax_reduce)
         if rule in ("avg", "weighted_avg"):
             flags = self._sum(weight if rule == "weighted_avg" else 1.0, sick_tensor is not None)
         elif rule == "max":
