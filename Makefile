@@ -34,15 +34,15 @@ test-fast: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP) data
-	$(PY) -m unify_dist bench
+	$(PY) -m benchmarks.bench
 
 reproduce: $(STAMP) data
 	$(PY) -m pip install -q matplotlib || echo "matplotlib not installed: the report will have tables but no plots"
-	$(PY) -m unify_dist.reproduce --rounds $(ROUNDS) --out results
+	$(PY) -m experiments.reproduce --rounds $(ROUNDS) --out results
 
 # Beyond the paper (unify_dist/experiments.py): 4 owners with a hostile one; label-skewed owners; DP noise.
 robust skew dp: $(STAMP) data
-	$(PY) -m unify_dist.experiments $@
+	$(PY) -m experiments.suites $@
 
 # unify-dist avg vs DistributedDataParallel over a 100 Mbit/s link between two network namespaces (root).
 netns: $(STAMP) data

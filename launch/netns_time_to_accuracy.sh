@@ -38,7 +38,7 @@ run_pair() {  # DIR PORT ACC_FIELD ARGS...: one rank per namespace; stopped once
   shift 3
   rm -rf -- "$dir" && mkdir -p "$dir"
   if [ "$field" != - ]; then
-    "$python" launch/time_to_accuracy.py wait "$dir/metrics.jsonl" "$field" "$target" &
+    "$python" benchmarks/time_to_accuracy.py wait "$dir/metrics.jsonl" "$field" "$target" &
     watcher=$!
   fi
   echo "$EPOCHREALTIME" >"$dir/launch"
@@ -73,7 +73,7 @@ echo "$me: [1/2] unify-dist avg"
 run_pair "$out/unify" 29577 unified_test_acc -m unify_dist train "${common[@]}" \
   --set unify.rule=avg --set "output.dir=$out/unify" --set output.resume=false --set output.local_metrics=false
 echo "$me: [2/2] DDP"
-run_pair "$out/ddp" 29578 - -m unify_dist.ddp_baseline "${common[@]}" --target "$target" --out "$out/ddp"
-"$python" launch/time_to_accuracy.py summary --unify "$out/unify" --ddp "$out/ddp" --target "$target" --out "$summary" \
+run_pair "$out/ddp" 29578 - -m benchmarks.ddp_baseline "${common[@]}" --target "$target" --out "$out/ddp"
+"$python" benchmarks/time_to_accuracy.py summary --unify "$out/unify" --ddp "$out/ddp" --target "$target" --out "$summary" \
   --note "rate=$rate" --note "config=$config" --note "threads_per_rank=$threads" --note "overrides=$*" \
   --note "host=$cores cores, both namespaces on one machine"

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from tests.world import run_world, torchrun
-from unify_dist.attack import corrupt_
-from unify_dist.config import AttackConfig, UnifyConfig
+from benchmarks.attack import corrupt_
+from benchmarks.attack import AttackConfig
+from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.privacy import RDP_ORDERS, dp_epsilon
-from unify_dist.unify import Unifier, tail_size, verify_identical
+from unify_dist.collectives import tail_size, verify_identical
+from unify_dist.unifier import Unifier
 
 
 def _flat(seed: int = 0, width: int = 200) -> FlatState:
@@ -75,7 +77,7 @@ def _dp_unify(rank: int, world: int, z: float, bound: float) -> dict:
     update = torch.randn(flat.numel, generator=g)
     update *= 0.5 * bound / float(update.norm())  # inside the bound: clipping changes nothing
     flat.values.add_(update)
-    Unifier(flat, UnifyConfig(rule="avg", update_norm_bound=bound, dp_noise_multiplier=z)).unify_("avg")
+    Unifier.over(flat, UnifyConfig(rule="avg", update_norm_bound=bound, dp_noise_multiplier=z)).unify(rule="avg")
     return {"after": flat.values.clone(), "start": start, "update": update, "digests": verify_identical(flat)}
 
 
@@ -104,6 +106,7 @@ def test_robust_rules_survive_a_hostile_owner(tmp_path, data_root) -> None:
     attacked = torchrun(
         [*common, "--set", f"output.dir={tmp_path / 'attacked'}", "--set", "unify.rule=median",
          "--set", "unify.compare=avg,absmax,trimmed_mean", "--set", "attack.owner=3"], nproc=4,
+        module="benchmarks.attack",
     )  # fmt: skip
     assert attacked.returncode == 0, attacked.stderr[-2000:]
     assert "attack simulation: owner 3" in attacked.stdout + attacked.stderr
@@ -119,6 +122,6 @@ def test_robust_rules_survive_a_hostile_owner(tmp_path, data_root) -> None:
 def test_hostile_owner_must_be_a_rank(tmp_path) -> None:
     from tests.world import cli
 
-    done = cli(["train", "--set", "attack.owner=1", "--set", f"output.dir={tmp_path}"])
+    done = cli(["train", "--set", "attack.owner=1", "--set", f"output.dir={tmp_path}"], module="benchmarks.attack")
     assert done.returncode == 2
     assert "attack.owner = 1 but there are only 1 owners" in done.stderr and "Traceback" not in done.stderr

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from tests.world import cli, run_world
-from unify_dist.bench import SECTIONS, collective_cost
-from unify_dist.cli import main as cli_main
+from benchmarks.bench import SECTIONS, collective_cost
+from benchmarks.bench import main as bench_main
 from unify_dist.config import ModelConfig, UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
-from unify_dist.unify import Unifier, tail_size
+from unify_dist.collectives import tail_size
+from unify_dist.unifier import Unifier
 
 
 def _ratios(result: dict) -> list[float]:
@@ -26,9 +27,9 @@ def _ratios(result: dict) -> list[float]:
 
 def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "bench.json"
-    args = ["bench", "--quick", "--models", "paper_cnn", "--owners", "2", "--scaling-owners", "2",
+    args = ["--quick", "--models", "paper_cnn", "--owners", "2", "--scaling-owners", "2",
             "--sizes", "5000", "--epoch-images", "256", "--out", str(out)]  # fmt: skip
-    proc = cli(args, timeout=180)
+    proc = cli(args, timeout=180, module="benchmarks.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(SECTIONS) <= set(result), sorted(result)
@@ -43,7 +44,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> No
 
 @pytest.mark.parametrize("bad", [["--owners", "1"], ["--models", "vgg"], ["--sizes", "many"]])
 def test_bad_option_is_one_line_and_exit_2(bad: list[str], capsys: pytest.CaptureFixture) -> None:
-    assert cli_main(["bench", *bad]) == 2
+    assert bench_main(bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("unify-dist: error:") and "\n" not in err
 
@@ -65,7 +66,7 @@ def _avg_both_ways(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
     theirs = build_model(ModelConfig(name="paper_cnn"), 1, 10, 28)
     theirs.load_state_dict(ours.state_dict())
     before = [p.detach().clone() for p in ours.parameters()]
-    Unifier(FlatState(ours, tail=tail_size(world)), UnifyConfig()).unify_("avg")
+    Unifier.over(FlatState(ours, tail=tail_size(world)), UnifyConfig()).unify(rule="avg")
     average_parameters(theirs.parameters(), None)
     return {"before": before, "ours": [p.detach().clone() for p in ours.parameters()],
             "theirs": [p.detach().clone() for p in theirs.parameters()]}  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from unify_dist.config import load_config
+from unify_dist.app.config import load_config
 from unify_dist.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

@@ -22,7 +22,7 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_ddp_baseline_two_ranks(tmp_path: Path, data_root) -> None:
     args = [*TINY, "--set", "train.max_rounds=2", "--target", "0.99", "--out", str(tmp_path)]  # 0.99: not reached
-    proc = torchrun(args, nproc=2, timeout=120, module="unify_dist.ddp_baseline")
+    proc = torchrun(args, nproc=2, timeout=120, module="benchmarks.ddp_baseline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2]
@@ -36,7 +36,7 @@ def test_ddp_baseline_two_ranks(tmp_path: Path, data_root) -> None:
 
 
 def test_ddp_baseline_bad_target_is_one_line() -> None:
-    cmd = [sys.executable, "-m", "unify_dist.ddp_baseline", "--target", "88"]
+    cmd = [sys.executable, "-m", "benchmarks.ddp_baseline", "--target", "88"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unify_dist import experiments
+from experiments import suites as experiments
 
 
 def _write_run(run_dir: Path, unified: list[float], candidates: dict[str, list[float]]) -> None:

@@ -18,7 +18,8 @@ from tests.world import run_world
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.rules import RULES
-from unify_dist.unify import NonFiniteError, Unifier, tail_size
+from unify_dist.collectives import NonFiniteError, tail_size
+from unify_dist.unifier import Unifier
 
 # (rule, absmax_impl): every implementation the Unifier has for the paper's rules.
 PATHS = [("avg", "reduce"), ("weighted_avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather")]
@@ -50,9 +51,9 @@ def _run_cases(rank: int, world: int) -> dict[tuple | str, object]:
         rule, impl, policy, sick = case
         flat = FlatState(_model(), tail=tail_size(world))
         flat.values.copy_(_owner_values(rank, flat.numel, sick))
-        unifier = Unifier(flat, UnifyConfig(rule=rule, absmax_impl=impl, nonfinite=policy, chunk_elements=7))
+        unifier = Unifier.over(flat, UnifyConfig(rule=rule, absmax_impl=impl, nonfinite=policy, chunk_elements=7))
         try:
-            outcome = unifier.unify_(rule, weight=float(10 * (rank + 1)))
+            outcome = unifier.unify(rule=rule, weight=float(10 * (rank + 1)))
             results[case] = (flat.values.clone(), outcome.skipped)
         except NonFiniteError as e:
             results[case] = str(e)
@@ -65,7 +66,7 @@ def _every_owner_sick(world: int) -> str:
     flat = FlatState(_model(), tail=tail_size(world))
     flat.values.fill_(float("nan"))
     try:
-        Unifier(flat, UnifyConfig(nonfinite="skip")).unify_("avg")
+        Unifier.over(flat, UnifyConfig(nonfinite="skip")).unify(rule="avg")
     except NonFiniteError as e:
         return str(e)
     return "no error"

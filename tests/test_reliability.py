@@ -21,11 +21,14 @@ import pytest
 import torch
 
 from tests.world import run_world, torchrun
-from unify_dist.checkpoint import Checkpointer
-from unify_dist.config import ModelConfig, RunConfig, UnifyConfig
-from unify_dist.consistency import check_consistency, fingerprint
+from unify_dist.app.checkpoint import Checkpointer
+from unify_dist.app.config import RunConfig
+from unify_dist.config import ModelConfig, UnifyConfig
+from unify_dist.app.consistency import check_consistency, fingerprint
 from unify_dist.errors import UserError
-from unify_dist.faults import FAULT_ENV, Fault, parse_fault
+from tests.hooks.faults import FAULT_ENV, Fault, parse_fault
+
+FAULTS = "tests.hooks.faults"  # the program plus the fault hook
 from unify_dist.models import build_model
 
 # ~1,800 training images per owner: a local epoch lasts a second or more, long enough to be killed in.
@@ -85,11 +88,11 @@ def _worker_of_rank(agent_pid: int, rank: int) -> int | None:
     return None
 
 
-def _popen_torchrun(args: list[str], nproc: int, extra: list[str], env: dict[str, str] | None = None):
+def _popen_torchrun(args: list[str], nproc: int, extra: list[str], env: dict[str, str] | None = None, module: str = "unify_dist"):
     """Like tests.world.torchrun, but started in the background: the test acts on the run while it goes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd += ["-m", "unify_dist", *args]
+    cmd += ["-m", module, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
 
 
@@ -154,7 +157,7 @@ def test_stalled_owner_stops_every_rank_within_the_timeout(tmp_path: Path, data_
     timeout_s = 20
     args = [*QUICK, "--set", "train.max_rounds=3", "--set", f"dist.timeout_s={timeout_s}"]
     args += ["--set", f"output.dir={tmp_path}"]
-    proc = _popen_torchrun(args, 3, ["--monitor-interval=0.1"], env={FAULT_ENV: "stall:rank=1:round=2"})
+    proc = _popen_torchrun(args, 3, ["--monitor-interval=0.1"], env={FAULT_ENV: "stall:rank=1:round=2"}, module=FAULTS)
     try:
         _wait_for(tmp_path / "checkpoints" / "rank1" / "round_00001.pt", proc)
         round_one_done = time.monotonic()
@@ -182,7 +185,7 @@ def test_stalled_owner_stops_every_rank_within_the_timeout(tmp_path: Path, data_
 def test_nan_owner_through_the_cli(tmp_path: Path, data_root: Path, policy: str) -> None:
     args = [*QUICK, "--set", "train.max_rounds=2", "--set", f"unify.nonfinite={policy}"]
     args += ["--set", f"output.dir={tmp_path}"]
-    proc = torchrun(args, nproc=2, env={FAULT_ENV: "nan:rank=1:round=1"})
+    proc = torchrun(args, nproc=2, env={FAULT_ENV: "nan:rank=1:round=1"}, module=FAULTS)
     if policy == "fail":
         assert proc.returncode != 0
         failures = [ln for ln in proc.stderr.splitlines() if ln.startswith("unify-dist: run failed")]

@@ -17,7 +17,8 @@ from unify_dist.config import TrainConfig, UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.prox import proximal_term
 from unify_dist.rules import RULES, SPECS, clip_update, register_rule, server_step, ties_merge, ties_trim
-from unify_dist.unify import Unifier, tail_size, verify_identical
+from unify_dist.collectives import tail_size, verify_identical
+from unify_dist.unifier import Unifier
 
 W = torch.ones(4)
 X = torch.tensor([[1.0, -4.0, 2.0], [-2.0, 3.0, 9.0], [0.5, 1.0, 1.0], [7.0, 0.0, 1.0]])
@@ -126,9 +127,9 @@ def _unify_cases(rank: int, world: int) -> list[dict]:
     out = []
     for rule, options in CASES:
         flat.values.copy_(start)
-        unifier = Unifier(flat, UnifyConfig(rule=rule, chunk_elements=16, **options))  # many chunks
+        unifier = Unifier.over(flat, UnifyConfig(rule=rule, chunk_elements=16, **options))  # many chunks
         flat.values.add_(_update(rank, flat.numel))
-        unifier.unify_(rule, weight=float(rank + 1))
+        unifier.unify(rule=rule, weight=float(rank + 1))
         out.append({"after": flat.values.clone(), "digests": verify_identical(flat)})
     return out
 
@@ -158,11 +159,11 @@ def test_collective_matches_reference(world: int) -> None:
 
 def _skip_sick_owner(rank: int, world: int) -> torch.Tensor:
     flat = FlatState(_model(), tail=tail_size(world))
-    unifier = Unifier(flat, UnifyConfig(rule="median", space="delta", nonfinite="skip", chunk_elements=16))
+    unifier = Unifier.over(flat, UnifyConfig(rule="median", space="delta", nonfinite="skip", chunk_elements=16))
     flat.values.add_(_update(rank, flat.numel))
     if rank == 0:
         flat.values[5] = float("nan")
-    assert unifier.unify_("median").skipped == [0]
+    assert unifier.unify(rule="median").skipped == [0]
     return flat.values.clone()
 
 
@@ -177,21 +178,21 @@ def test_delta_space_skips_a_sick_owner(world: int) -> None:
 def _momentum_rounds(rank: int, world: int) -> dict:
     cfg = UnifyConfig(rule="avg", space="delta", server_momentum=0.9, server_lr=0.5, compare=["median"])
     flat = FlatState(_model(), tail=tail_size(world))
-    unifier = Unifier(flat, cfg)
+    unifier = Unifier.over(flat, cfg)
     history = []
     for round_ in range(1, 4):
         flat.values.add_(_update(rank, flat.numel, round_))
         local = flat.values.clone()
-        unifier.unify_("median", commit=False)  # a side-by-side candidate, then thrown away
+        unifier.unify(rule="median", commit=False)  # a side-by-side candidate, then thrown away
         flat.values.copy_(local)
         if round_ == 3:  # checkpoint, "crash", resume into a fresh Unifier: the same round 3
             saved = {k: v.clone() for k, v in unifier.state_dict().items()}
-            restarted = Unifier(flat, cfg)
+            restarted = Unifier.over(flat, cfg)
             restarted.load_state_dict(saved)
-            restarted.unify_("avg")
+            restarted.unify(rule="avg")
             history.append(flat.values.clone())
             flat.values.copy_(local)
-        unifier.unify_("avg")
+        unifier.unify(rule="avg")
         history.append(flat.values.clone())
     return {"history": history, "state": unifier.state_dict()}
 
@@ -218,7 +219,7 @@ def test_server_momentum_over_rounds_and_resume(world: int) -> None:
 
 def _plain_state(rank: int, world: int) -> dict:
     flat = FlatState(_model(), tail=tail_size(world))
-    return Unifier(flat, UnifyConfig(rule="avg", compare=["median", "max"])).state_dict()
+    return Unifier.over(flat, UnifyConfig(rule="avg", compare=["median", "max"])).state_dict()
 
 
 def test_plain_rules_keep_no_state() -> None:
@@ -256,7 +257,7 @@ def _hostile(rank: int, world: int) -> dict:
             mine = -10 * honest if kind == "scaled" else noise
         for rule in ("avg", "median", "trimmed_mean"):
             flat.values.copy_(mine)
-            Unifier(flat, UnifyConfig(rule=rule, trim_fraction=0.25)).unify_(rule)
+            Unifier.over(flat, UnifyConfig(rule=rule, trim_fraction=0.25)).unify(rule=rule)
             out[kind, rule] = flat.values.clone()
     return out
 

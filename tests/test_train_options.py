@@ -46,8 +46,8 @@ def test_absent_class_scale_touches_only_missing_classes() -> None:
 
 
 def test_local_metrics_off_records_none_not_zero() -> None:
-    from unify_dist.config import RunConfig
-    from unify_dist.loop import _record
+    from unify_dist.app.config import RunConfig
+    from unify_dist.app.loop import _record
 
     # n_train, loss, local val c/t (0/0: not measured), unified val c/t, unify_s, then 4 x 2 per-class counts
     row = [100.0, 0.5, 0.0, 0.0, 8.0, 10.0, 0.01, 0, 0, 0, 0, 4, 3, 5, 5]

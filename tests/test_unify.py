@@ -10,7 +10,8 @@ from tests.world import run_world
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.rules import RULES
-from unify_dist.unify import Unifier, tail_size, verify_identical
+from unify_dist.collectives import tail_size, verify_identical
+from unify_dist.unifier import Unifier
 
 CASES = [
     ("avg", "reduce"), ("weighted_avg", "reduce"), ("max", "reduce"), ("absmax", "reduce"), ("absmax", "gather"),
@@ -36,8 +37,8 @@ def _unify(rank: int, world: int, rule: str, impl: str) -> dict:
     model = _model(rank)
     flat = FlatState(model, tail=tail_size(world, model))  # integer buffers ride in the tail
     before = flat.values.clone()
-    unifier = Unifier(flat, UnifyConfig(rule=rule, absmax_impl=impl, chunk_elements=16))  # many chunks
-    outcome = unifier.unify_(rule, weight=float(rank + 1))
+    unifier = Unifier.over(flat, UnifyConfig(rule=rule, absmax_impl=impl, chunk_elements=16))  # many chunks
+    outcome = unifier.unify(rule=rule, weight=float(rank + 1))
     digests = verify_identical(flat)
     return {"before": before, "after": flat.values.clone(), "ints": flat.ints.clone(), "digests": digests,
             "skipped": outcome.skipped, "state": {k: v.clone() for k, v in model.state_dict().items()}}

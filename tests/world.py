@@ -68,10 +68,10 @@ def torchrun(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = None):
-    """Run `python -m unify_dist CLI_ARGS` in one process (no torchrun); return it completed."""
+def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = None, module: str = "unify_dist"):
+    """Run `python -m MODULE CLI_ARGS` in one process (no torchrun); return it completed."""
     import subprocess
     import sys
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "unify_dist", *cli_args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run([sys.executable, "-m", module, *cli_args], capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -1,3 +1,3 @@
-from unify_dist.cli import main
+from unify_dist.app.cli import main
 
 raise SystemExit(main())

@@ -1,34 +1,19 @@
-"""Typed run configuration: one frozen dataclass per section, loaded from TOML, overridden by --set.
+"""Typed settings of the library's components: one frozen dataclass per component, a docstring per field.
 
-Each component receives only its own section (DataConfig to data.py, UnifyConfig to the unify layer,
-...), never the whole RunConfig, so a component cannot quietly depend on another's settings.
+Each component receives only its own section (DataConfig to data.py, UnifyConfig to the unifier, ...),
+never the whole run configuration, so a component cannot quietly depend on another's settings. The
+program (unify_dist.app.config) reads them from TOML and `--set`; a library user builds them directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from unify_dist.errors import UserError
-
-__all__ = [
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "UnifyConfig",
-    "DistConfig",
-    "OutputConfig",
-    "AttackConfig",
-    "RunConfig",
-    "load_config",
-    "parse_overrides",
-    "DATA_ROOT_ENV",
-]
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice"]
 
 DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 """Environment variable that overrides `data.root`, so tests and CI can point every run at one copy."""
@@ -67,9 +52,9 @@ class DataConfig:
     def problems(self) -> list[str]:
         out = []
         if self.dataset not in DATASETS:
-            out.append(_choice("data.dataset", self.dataset, DATASETS))
+            out.append(choice("data.dataset", self.dataset, DATASETS))
         if self.partition not in PARTITIONS:
-            out.append(_choice("data.partition", self.partition, PARTITIONS))
+            out.append(choice("data.partition", self.partition, PARTITIONS))
         if (self.dataset == "folder") != (self.partition == "folder"):
             out.append("data.dataset = 'folder' and data.partition = 'folder' go together: set both or neither")
         if self.dataset == "folder" and not self.folder:
@@ -100,7 +85,7 @@ class ModelConfig:
     def problems(self) -> list[str]:
         out = []
         if self.name not in MODELS:
-            out.append(_choice("model.name", self.name, MODELS))
+            out.append(choice("model.name", self.name, MODELS))
         if self.hidden <= 0:
             out.append(f"model.hidden must be > 0, got {self.hidden}")
         return out
@@ -154,15 +139,15 @@ class TrainConfig:
         if self.lr <= 0:
             out.append(f"train.lr must be > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
-            out.append(_choice("train.optimizer", self.optimizer, OPTIMIZERS))
+            out.append(choice("train.optimizer", self.optimizer, OPTIMIZERS))
         if self.lr_schedule not in ("constant", "cosine"):
-            out.append(_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine")))
+            out.append(choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine")))
         if not 0 <= self.absent_class_scale <= 1:
             out.append(f"train.absent_class_scale must be in [0, 1] (1: off), got {self.absent_class_scale}")
         if self.local_steps < 0:
             out.append(f"train.local_steps must be >= 0 (0: whole epochs), got {self.local_steps}")
         if self.optimizer_state not in ("keep", "reset"):
-            out.append(_choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
+            out.append(choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
         if not 0 <= self.target_accuracy <= 1:
             out.append(f"train.target_accuracy is a fraction in [0, 1], got {self.target_accuracy}")
         if self.threads < 0 or self.momentum < 0 or self.weight_decay < 0:
@@ -209,15 +194,15 @@ class UnifyConfig:
         out = []
         for name in [self.rule, *self.compare]:
             if name not in RULES and not (name == "auto" and name == self.rule):
-                out.append(_choice("unify.rule", name, (*RULES, "auto")))
+                out.append(choice("unify.rule", name, (*RULES, "auto")))
         if self.absmax_impl not in ("reduce", "gather"):
-            out.append(_choice("unify.absmax_impl", self.absmax_impl, ("reduce", "gather")))
+            out.append(choice("unify.absmax_impl", self.absmax_impl, ("reduce", "gather")))
         if self.nonfinite not in ("fail", "skip"):
-            out.append(_choice("unify.nonfinite", self.nonfinite, ("fail", "skip")))
+            out.append(choice("unify.nonfinite", self.nonfinite, ("fail", "skip")))
         if self.chunk_elements <= 0:
             out.append(f"unify.chunk_elements must be > 0, got {self.chunk_elements}")
         if self.space not in ("weights", "delta"):
-            out.append(_choice("unify.space", self.space, ("weights", "delta")))
+            out.append(choice("unify.space", self.space, ("weights", "delta")))
         if not 0 <= self.trim_fraction < 0.5:
             out.append(f"unify.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not 0 < self.ties_density <= 1:
@@ -247,167 +232,13 @@ class DistConfig:
     def problems(self) -> list[str]:
         out = []
         if self.backend not in ("auto", "gloo", "nccl"):
-            out.append(_choice("dist.backend", self.backend, ("auto", "gloo", "nccl")))
+            out.append(choice("dist.backend", self.backend, ("auto", "gloo", "nccl")))
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
         return out
 
 
-@dataclass(frozen=True)
-class OutputConfig:
-    dir: str = "runs/latest"
-    """Run directory: metrics.jsonl, checkpoints/, final.pt."""
-    keep_checkpoints: int = 3
-    """How many round checkpoints to keep (older ones are deleted)."""
-    resume: bool = True
-    """Continue from the newest round every owner has a checkpoint of (false: delete them, start over)."""
-    progress: bool = True
-    """Show rich progress bars on rank 0 (tables are always shown)."""
-    all_ranks: bool = False
-    """Let every rank print, prefixed by its rank (for debugging)."""
-    local_metrics: bool = True
-    """Evaluate each owner's local model before unify (the paper's local columns, the per-class matrix);
-    false skips those two evaluation passes per round."""
-
-    def problems(self) -> list[str]:
-        if self.keep_checkpoints < 1:
-            return [f"output.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"]
-        return []
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    owner: int = -1
-    """Simulate a hostile owner: this rank corrupts what it sends before every unify (-1: nobody)."""
-    kind: str = "scale"
-    """scale (its weights times `scale`) or noise (Gaussian noise of std `noise_std` instead of its weights)."""
-    scale: float = -10.0
-    """For kind = scale: the factor applied to the hostile owner's weights."""
-    noise_std: float = 1.0
-    """For kind = noise: standard deviation of the noise the hostile owner sends."""
-    from_round: int = 1
-    """The first round in which the hostile owner attacks."""
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.kind not in ("scale", "noise"):
-            out.append(_choice("attack.kind", self.kind, ("scale", "noise")))
-        if self.owner < -1:
-            out.append(f"attack.owner is a rank (or -1 for nobody), got {self.owner}")
-        if self.noise_std <= 0 or self.from_round < 1:
-            out.append("attack.noise_std must be > 0 and attack.from_round >= 1")
-        return out
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    name: str = "run"
-    """A label for the run, shown in tables and stored in metrics."""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    unify: UnifyConfig = field(default_factory=UnifyConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-
-    def problems(self) -> list[str]:
-        out = []
-        for f in fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                out += section.problems()
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     hint = difflib.get_close_matches(str(value), allowed, n=1)
     also = f" (did you mean '{hint[0]}'?)" if hint else ""
     return f"{key} = '{value}' is not known{also}; choose one of: {', '.join(allowed)}"
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """Turn ['train.lr=0.1', 'name=x'] into nested TOML-typed values; values parse as TOML, else as text."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set '{item}' has no '=': write --set section.key=value, e.g. --set train.lr=0.01")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # bare words such as rule names need no quotes on the command line
-        *path, leaf = key.strip().split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check one TOML value against the field's type; ints are accepted where floats are expected."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ == list[str]:
-        if isinstance(value, str):  # --set unify.compare=avg,max
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise UserError(f"{key} must be a list of names, e.g. [\"avg\", \"max\"]; got {value!r}")
-    if isinstance(typ, type) and isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
-        return value
-    name = getattr(typ, "__name__", str(typ))
-    raise UserError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__}); fix the config or --set")
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            also = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            raise UserError(f"unknown config key '{full}'{also}; known keys here: {', '.join(sorted(known))}")
-        typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            if not isinstance(value, dict):
-                raise UserError(f"'{full}' is a section: write [{full}] in TOML or --set {full}.KEY=VALUE")
-            kwargs[key] = _build(typ, value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(full, value, typ)
-    return cls(**kwargs)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML file (or defaults when path is None), apply --set overrides, validate everything.
-
-    Raises UserError with every problem found, joined on one line.
-    """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{p}' does not exist; pass an existing file, e.g. configs/demo_cpu.toml")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file '{p}' is not valid TOML ({e}); fix the syntax and run again") from None
-    raw = _merge(raw, parse_overrides(overrides or []))
-    cfg = _build(RunConfig, raw, "")
-    problems = cfg.problems()
-    if problems:
-        raise UserError("; ".join(problems))
-    return cfg

@@ -4,44 +4,61 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["privacy_statement", "dp_epsilon", "dp_statement", "RDP_ORDERS"]
+__all__ = ["privacy_statement", "secure_avg_reveals", "REVEALS_BY_COLLECTIVE", "dp_epsilon", "dp_statement", "RDP_ORDERS"]
 
-_SUMS = {"avg", "weighted_avg"}
-_ORDER = {"max", "absmax"}
+def secure_avg_reveals(rule: str, owners: int) -> str:
+    """secure_avg: masks hide single owners' weights, but with 2 owners the sum gives the peer away."""
+    if owners == 2:
+        return (
+            f"{rule} with 2 owners hides nothing: the average minus your own weights is "
+            "the peer's weights. Use 3 or more owners for masking to protect anyone."
+        )
+    return (
+        f"{rule}: pairwise masks hide each owner's weights in transit; each owner learns "
+        f"only the sum of all {owners} (so the sum of the other {owners - 1}), assuming no collusion."
+    )
+
+
+def _sums(rule: str, owners: int) -> str:
+    peer = "the peer's weights exactly (2 x average - own)" if owners == 2 else "the sum of the others' weights"
+    return (
+        f"{rule} reveals {peer}; and a plain all_reduce carries single owners' values between "
+        "neighbours in transit. Use unify.rule=secure_avg (3+ owners) to mask them."
+    )
+
+
+def _order(rule: str, owners: int) -> str:
+    return (
+        f"{rule} reveals, per weight, the winning owner's exact value: every weight where a peer "
+        "wins is exposed. Masks cannot hide a maximum."
+    )
+
+
+def _gathers(rule: str, owners: int) -> str:
+    return (
+        f"{rule} gathers every owner's raw weights to every other owner (all_gather): "
+        "each owner sees all the others' weights."
+    )
+
+
+REVEALS_BY_COLLECTIVE = {"sum": _sums, "weighted_sum": _sums, "max": _order, "absmax": _order,
+                         "masked_sum": secure_avg_reveals, "gather": _gathers}  # fmt: skip
+"""What a rule reveals when its spec says nothing itself: a property of the collective that runs it."""
 
 
 def privacy_statement(rule: str, owners: int, absmax_impl: str = "reduce", candidates: tuple[str, ...] = ()) -> str:
     """One or two sentences on what `rule` with `owners` owners reveals to each owner."""
+    from unify_dist.rules import SPECS  # late: rules import this module
+
     if owners == 1:
         return "privacy: one owner, nothing is shared."
     if rule == "auto":
         parts = [privacy_statement(c, owners, absmax_impl).removeprefix("privacy: ") for c in candidates]
         return f"privacy: auto unifies with every candidate each round, so it reveals all of: {' | '.join(parts)}"
-    if rule == "secure_avg":
-        if owners == 2:
-            return (
-                "privacy: secure_avg with 2 owners hides nothing: the average minus your own weights is "
-                "the peer's weights. Use 3 or more owners for masking to protect anyone."
-            )
-        return (
-            f"privacy: secure_avg: pairwise masks hide each owner's weights in transit; each owner learns "
-            f"only the sum of all {owners} (so the sum of the other {owners - 1}), assuming no collusion."
-        )
-    if rule in _SUMS:
-        peer = "the peer's weights exactly (2 x average - own)" if owners == 2 else "the sum of the others' weights"
-        return (
-            f"privacy: {rule} reveals {peer}; and a plain all_reduce carries single owners' values between "
-            "neighbours in transit. Use unify.rule=secure_avg (3+ owners) to mask them."
-        )
-    if rule in _ORDER and not (rule == "absmax" and absmax_impl == "gather"):
-        return (
-            f"privacy: {rule} reveals, per weight, the winning owner's exact value: every weight where a peer "
-            "wins is exposed. Masks cannot hide a maximum."
-        )
-    return (
-        f"privacy: {rule} gathers every owner's raw weights to every other owner (all_gather): "
-        "each owner sees all the others' weights."
-    )
+    spec = SPECS[rule]
+    collective = "gather" if spec.collective == "absmax" and absmax_impl == "gather" else spec.collective
+    reveals = spec.reveals if spec.reveals is not None and collective == spec.collective else None
+    return "privacy: " + (reveals or REVEALS_BY_COLLECTIVE[collective])(rule, owners)
 
 
 # ---------------------------------------------------------------- differential privacy accounting

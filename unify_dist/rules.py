@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unify_dist.privacy import secure_avg_reveals
+
 __all__ = [
+    "COLLECTIVES",
     "RULES",
     "SPECS",
     "Rule",
@@ -54,11 +57,21 @@ RULES: dict[str, Rule] = {}
 SPECS: dict[str, "RuleSpec"] = {}
 
 
+COLLECTIVES = ("sum", "weighted_sum", "max", "absmax", "masked_sum", "gather")
+"""How the collective core (unify_dist.collectives) can run a rule; `gather` runs any reference."""
+
+
 @dataclass(frozen=True)
 class RuleSpec:
     """How the unify layer runs a registered rule; `reference` is the whole maths, the rest says how to split it."""
 
     reference: Rule
+    collective: str = "gather"
+    """The collective that computes it (one of COLLECTIVES). Only the built-in fast paths name another
+    than `gather`, and each must equal its reference (the tests prove it)."""
+    reveals: Callable[[str, int], str] | None = None
+    """(rule name, owners) -> what each owner learns of the others (said at start-up); None: the
+    default statement of its collective (unify_dist.privacy)."""
     options: tuple[str, ...] = ()
     """UnifyConfig fields passed to `reference` (and `owner_step`) as keywords of the same name."""
     owner_step: Callable[..., Tensor] | None = None
@@ -73,45 +86,62 @@ class RuleSpec:
 def register_rule(
     name: str,
     *,
+    collective: str = "gather",
+    reveals: Callable[[str, int], str] | None = None,
     options: tuple[str, ...] = (),
     owner_step: Callable[..., Tensor] | None = None,
     combine: Rule | None = None,
     delta_only: bool = False,
 ) -> Callable[[Rule], Rule]:
-    """Register a reference rule under `name`; a second rule with the same name is a bug, so it raises."""
+    """Register a reference rule under `name` (a decorator); the rule then runs distributed everywhere.
+
+    A rule is a pure function (stacked [owners, ...], weights [owners]) -> unified [...]; from user code
+    it runs through the gather path. A second rule with the same name is a bug, so it raises ValueError.
+
+    Example::
+
+        >>> import unify_dist as ud
+        >>> @ud.register_rule("absmax_unsigned")
+        ... def absmax_unsigned(stacked, weights):
+        ...     return stacked.abs().amax(0)
+    """
     if (owner_step is None) != (combine is None):
         raise ValueError(f"unify rule '{name}': owner_step and combine go together")
+    if collective not in COLLECTIVES:
+        raise ValueError(f"unify rule '{name}': collective '{collective}' is not one of {', '.join(COLLECTIVES)}")
+    if name == "auto":
+        raise ValueError("'auto' is the program's choose-each-round mode, not a rule name; pick another name")
 
     def wrap(fn: Rule) -> Rule:
         if name in RULES:
-            raise ValueError(f"unify rule '{name}' is registered twice")
+            raise ValueError(f"unify rule '{name}' is registered twice; pick another name")
         RULES[name] = fn
-        SPECS[name] = RuleSpec(fn, options, owner_step, combine, delta_only)
+        SPECS[name] = RuleSpec(fn, collective, reveals, options, owner_step, combine, delta_only)
         return fn
 
     return wrap
 
 
-@register_rule("avg")
+@register_rule("avg", collective="sum")
 def avg(stacked: Tensor, weights: Tensor) -> Tensor:
     """Plain mean over owners (the paper's average); weights are ignored."""
     return stacked.sum(0) / stacked.shape[0]
 
 
-@register_rule("weighted_avg")
+@register_rule("weighted_avg", collective="weighted_sum")
 def weighted_avg(stacked: Tensor, weights: Tensor) -> Tensor:
     """Mean weighted by each owner's local sample count (FedAvg's weighting)."""
     w = weights.to(stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
     return (stacked * w).sum(0) / weights.sum().to(stacked.dtype)
 
 
-@register_rule("max")
+@register_rule("max", collective="max")
 def max_rule(stacked: Tensor, weights: Tensor) -> Tensor:
     """Per element, the largest value over owners (the paper's max)."""
     return stacked.amax(0)
 
 
-@register_rule("absmax")
+@register_rule("absmax", collective="absmax")
 def absmax(stacked: Tensor, weights: Tensor) -> Tensor:
     """Per element, the value of largest magnitude over owners, sign kept (the paper's absmax).
 
@@ -157,7 +187,7 @@ def absmax_unkeys_(keys: Tensor, scratch: Tensor) -> None:
 # --- Robust rules: coordinate-wise, so the chunked gather path runs them with bounded memory. ---
 
 
-@register_rule("secure_avg")
+@register_rule("secure_avg", collective="masked_sum", reveals=secure_avg_reveals)
 def secure_avg(stacked: Tensor, weights: Tensor) -> Tensor:
     """The plain mean; distributed, each owner's contribution travels under pairwise masks (unify_dist.secure)."""
     return stacked.sum(0) / stacked.shape[0]

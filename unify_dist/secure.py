@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["FRACTION_BITS", "exchange_pair_secrets", "masked_contribution", "secure_sum_"]
+__all__ = ["FRACTION_BITS", "SecureSum", "exchange_pair_secrets", "masked_contribution", "secure_sum_"]
 
 FRACTION_BITS = 40
 """Fixed-point resolution 2^-40 (about 1e-12); values up to 2^22 / owners in magnitude fit in int64."""
@@ -81,3 +81,33 @@ def secure_sum_(values: Tensor, pair_secrets: dict[int, bytes], nonce: int, grou
     contribution = masked_contribution(values, pair_secrets, dist.get_rank(group), nonce)
     dist.all_reduce(contribution, dist.ReduceOp.SUM, group=group)  # what travels is masked
     values.copy_((contribution.double() / 2.0**FRACTION_BITS).to(values.dtype))
+
+
+class SecureSum:
+    """One owner's side of secure averaging: its pair secrets and the call counter that keeps masks fresh.
+
+    Built collectively (the pair secrets are exchanged point-to-point on construction). The counter is
+    the mask nonce: equal on every rank, never reused with one set of secrets; new secrets are drawn in
+    every process, so a restarted run starts its counter at 0 safely.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.secrets = exchange_pair_secrets(group)  # collective (sends and receives)
+        self.calls = 0
+
+    def mean_(self, values: Tensor, tail: Tensor, sick: bool) -> None:
+        """values <- the mean over healthy owners; `tail` (flags, weight, integer halves) is summed in the
+        clear beside them, in the same int64 buffer: one all_reduce SUM. A sick owner masks zeros."""
+        mine = torch.zeros_like(values) if sick else values
+        sent = masked_contribution(mine, self.secrets, self.rank, nonce=self.calls)
+        self.calls += 1
+        # masks are made on the CPU (numpy's Philox); NCCL needs the buffer on the GPU
+        buffer = torch.cat([sent, tail.round().to(torch.int64).cpu()]).to(values.device)
+        dist.all_reduce(buffer, dist.ReduceOp.SUM, group=self.group)  # only masked values travel
+        n, world = values.numel(), dist.get_world_size(self.group)
+        tail.copy_(buffer[n:].to(tail.dtype))
+        total = float(tail[world])  # host sync: the healthy owners' count
+        if total > 0:
+            values.copy_((buffer[:n].double() / (2.0**FRACTION_BITS * total)).to(values.dtype))

@@ -1,13 +1,17 @@
 """The round loop, as in the paper: same start; do { train locally; unify; evaluate } until every owner
 reaches the target accuracy or the rounds run out.
 
-Every rank runs this same function. Collectives are marked; none sits under a rank condition.
+Every rank runs this same function. Collectives are marked; none sits under a rank condition. The loop
+knows nothing of experiments: a hook (an object with `before_unify(round_, unifier)`, and optionally
+`start(rank, world_size, say)`) can act on the unifier each round from the outside; benchmarks.attack
+and tests.hooks.faults are two.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,126 +19,72 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unify_dist import faults
-from unify_dist.attack import corrupt_
-from unify_dist.checkpoint import Checkpointer, MetricsLog, save_atomic
-from unify_dist.config import RunConfig
-from unify_dist.consistency import check_consistency, fingerprint
-from unify_dist.console import Reporter
+from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
+from unify_dist.app.config import RunConfig
+from unify_dist.app.consistency import check_consistency, fingerprint
+from unify_dist.app.console import Reporter
+from unify_dist.app.state import TrainState
 from unify_dist.data import OwnerData, check_owner_count, load_owner_data, prepare_dataset
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
-from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
+from unify_dist.privacy import dp_statement, privacy_statement
 from unify_dist.prox import proximal_term
-from unify_dist.scaffold import Scaffold
-from unify_dist.train import (
-    absent_class_scale,
-    count_correct,
-    epoch_generator,
-    make_optimizer,
-    per_class_correct,
-    round_lr,
-    set_lr,
-    train_epoch,
-)
-from unify_dist.unify import Unifier, tail_size, verify_identical
+from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
+from unify_dist.unifier import Unifier, same_start
+from unify_dist.collectives import tail_size, verify_identical
 
 __all__ = ["run", "load_data"]
 
 
-def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
+def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Train and unify for up to cfg.train.max_rounds rounds; returns the per-round records."""
     out = Reporter(ctx.rank, cfg.output.progress, cfg.output.all_ranks)
     run_dir = Path(cfg.output.dir)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     torch.manual_seed(cfg.train.seed)
-    out.info(
-        f"unify-dist: {ctx.world_size} owners, backend {ctx.backend}, rule {cfg.unify.rule}, "
-        f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {run_dir}"
-    )
-
-    candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
-    out.info(privacy_statement(cfg.unify.rule, ctx.world_size, cfg.unify.absmax_impl, candidates))
-    releases = _releases_per_round(cfg)
-    u = cfg.unify
-    if u.dp_noise_multiplier > 0:
-        out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
-    if cfg.attack.owner >= ctx.world_size:
-        raise UserError(
-            f"attack.owner = {cfg.attack.owner} but there are only {ctx.world_size} owners "
-            f"(ranks 0-{ctx.world_size - 1}); pick one of them, or -1 for no attack"
-        )
-    if cfg.attack.owner >= 0:
-        out.info(f"attack simulation: owner {cfg.attack.owner} sends corrupted weights ({cfg.attack.kind}) from round {cfg.attack.from_round}")
+    _announce(cfg, ctx, out)
+    for hook in hooks:
+        if hasattr(hook, "start"):
+            hook.start(ctx.rank, ctx.world_size, out.info)
     data = load_data(cfg, ctx)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
-    flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
-
-    # Same start everywhere: rank 0's initial weights, then proven identical.
     with stage("broadcast initial weights", ctx):
-        dist.broadcast(flat.buffer, src=0)  # collective
-        dist.broadcast(flat.ints, src=0)
-        verify_identical(flat)  # collective
-    optimizer = make_optimizer(model, cfg.train)
-    unifier = Unifier(flat, cfg.unify)
-    scaffold = Scaffold(model) if cfg.train.scaffold else None
+        same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
+    flat = FlatState(model, tail=tail_size(ctx.world_size, model))
+    state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
     ckpt = Checkpointer(run_dir, ctx.rank, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
-    records: list[dict[str, Any]] = []
-    start = _resume(cfg, ctx, ckpt, flat, model, optimizer, unifier, scaffold, records, out)
+    start = _resume(cfg, ctx, ckpt, state, out)
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
         # 1. Train locally, on this owner's data only.
-        loss = _train_locally(cfg, ctx, model, optimizer, data, round_, out, scaffold)
-        if scaffold is not None:
-            with stage(f"SCAFFOLD control variates in round {round_}", ctx):
-                scaffold.end_round()  # collective
-        if cfg.output.local_metrics:
-            local_val = count_correct(model, data.val)
-            local_pc = per_class_correct(model, data.test, data.num_classes)
-        else:  # zero totals: recorded as "not measured"
-            local_val, local_pc = (0, 0), ([0] * data.num_classes, [0] * data.num_classes)
-
-        corrupt_(flat, cfg.attack, ctx.rank, round_)  # experiments only: a simulated hostile owner ([attack])
+        loss = _train_locally(cfg, ctx, state, data, round_, out)
+        local = _evaluate_local(cfg, model, data)
+        for hook in hooks:
+            hook.before_unify(round_, state.unifier)
 
         # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
-        candidates = _candidates(cfg, ctx, flat, unifier, model, data, round_)
-        faults.before_unify(ctx.rank, round_, flat)  # test hook (UNIFY_DIST_FAULT); no-op when unset
-        rule = _auto_pick(cfg, ctx, flat, unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
-        t0 = time.perf_counter()
+        candidates = _candidates(cfg, ctx, state.unifier, model, data, round_)
+        rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
         with stage(f"unify ({rule}) in round {round_}", ctx):
-            outcome = unifier.unify_(rule, weight=float(len(data.train)))  # collective
-        unify_s = time.perf_counter() - t0
-        with stage(f"digest check in round {round_}", ctx):
-            digests = verify_identical(flat)  # collective: every rank now holds the same bits
+            outcome = state.unifier.unify(float(len(data.train)), rule=rule)  # collective, digests compared
         for r in outcome.skipped:
             out.warn(f"round {round_}: owner {r} had non-finite weights and was left out of this unify")
         if cfg.train.optimizer_state == "reset":
-            optimizer = make_optimizer(model, cfg.train)
+            state.reset_optimizer()
 
-        # 3. Evaluate the unified model on every owner's validation split and test shard.
-        unified_val = count_correct(model, data.val)
-        unified_pc = per_class_correct(model, data.test, data.num_classes)
-        mine = [len(data.train), loss, *local_val, *unified_val, unify_s, *candidates]
-        mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
-        with stage(f"metrics gather in round {round_}", ctx):
-            gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
-        record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
-        record["rule_used"] = rule
-        if u.dp_noise_multiplier > 0:  # the privacy spent so far, (epsilon, delta)-DP per owner
-            record["dp_epsilon"] = dp_epsilon(u.dp_noise_multiplier, releases * round_, u.dp_delta)
-            record["dp_delta"] = u.dp_delta
-        records.append(record)
+        # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
+        record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome)
+        state.records.append(record)
         out.round_row(record)
         metrics.append(record)
-        extra = {"unifier": unifier.state_dict(), "scaffold": scaffold.state_dict() if scaffold else {}}
-        ckpt.save(round_, {**_state(cfg, model, optimizer, records), **extra})
+        ckpt.save(round_, state.state_dict())
 
         # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
         if cfg.train.target_accuracy and record["min_unified_val_acc"] >= cfg.train.target_accuracy:
@@ -142,9 +92,24 @@ def run(cfg: RunConfig, ctx: Context) -> list[dict[str, Any]]:
             break
 
     if ctx.is_main:
-        save_atomic(_state(cfg, model, None, records), run_dir / "final.pt")
+        final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records}
+        save_atomic(final, run_dir / "final.pt")
         out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
-    return records
+    return state.records
+
+
+def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
+    """The start-up lines: who, what, and what each owner will learn about the others."""
+    out.info(
+        f"unify-dist: {ctx.world_size} owners, backend {ctx.backend}, rule {cfg.unify.rule}, "
+        f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {cfg.output.dir}"
+    )
+    candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
+    out.info(privacy_statement(cfg.unify.rule, ctx.world_size, cfg.unify.absmax_impl, candidates))
+    u = cfg.unify
+    if u.dp_noise_multiplier > 0:
+        releases = _releases_per_round(cfg)
+        out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
 
 
 def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
@@ -172,9 +137,9 @@ def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
     return data
 
 
-def _train_locally(
-    cfg: RunConfig, ctx: Context, model: nn.Module, optimizer, data: OwnerData, round_: int, out, scaffold: Scaffold | None
-) -> float:
+def _train_locally(cfg: RunConfig, ctx: Context, state: TrainState, data: OwnerData, round_: int, out: Reporter) -> float:
+    """This owner's local epochs of the round (or train.local_steps steps); returns the last epoch's loss."""
+    model, optimizer, scaffold = state.model, state.optimizer, state.scaffold
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
     steps_left = cfg.train.local_steps  # 0: whole epochs
     epochs = -(-steps_left // per_epoch) if steps_left else cfg.train.local_epochs
@@ -194,24 +159,30 @@ def _train_locally(
                 on_grads=on_grads, max_steps=take, logit_scale=logit_scale,
             )  # fmt: skip
             steps_left -= take
+    if scaffold is not None:
+        with stage(f"SCAFFOLD control variates in round {round_}", ctx):
+            scaffold.end_round()  # collective
     return loss
 
 
-def _candidates(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, model, data, round_: int) -> list[float]:
+def _evaluate_local(cfg: RunConfig, model: nn.Module, data: OwnerData) -> list[Any]:
+    """The local model's validation counts and per-class test counts (zeros: not measured)."""
+    if not cfg.output.local_metrics:
+        return [(0, 0), ([0] * data.num_classes, [0] * data.num_classes)]
+    return [count_correct(model, data.val), per_class_correct(model, data.test, data.num_classes)]
+
+
+def _candidates(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int) -> list[float]:
     """Side-by-side mode: each compared rule's unified model, evaluated, then the local model restored.
 
     Costs one unify and one evaluation per compared rule; returns [val c, val t, test c, test t] per rule.
     """
-    if not cfg.unify.compare:
-        return []
-    local, local_ints = flat.values.clone(), flat.ints.clone()
     figures: list[float] = []
     for rule in cfg.unify.compare:
-        with stage(f"side-by-side unify ({rule}) in round {round_}", ctx):
-            unifier.unify_(rule, weight=float(len(data.train)), commit=False)  # collective; keeps anchor/momentum
-        figures += [*count_correct(model, data.val), *count_correct(model, data.test)]
-        flat.values.copy_(local)
-        flat.ints.copy_(local_ints)
+        with _trial(unifier):
+            with stage(f"side-by-side unify ({rule}) in round {round_}", ctx):
+                unifier.unify(float(len(data.train)), rule=rule, commit=False, verify=False)  # collective
+            figures += [*count_correct(model, data.val), *count_correct(model, data.test)]
     return figures
 
 
@@ -224,7 +195,7 @@ def _releases_per_round(cfg: RunConfig) -> int:
     return 1 + auto + len(cfg.unify.compare)
 
 
-def _auto_pick(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, model, data, round_: int) -> str:
+def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int) -> str:
     """rule = auto: every candidate's unified model scored on every owner's private validation split.
 
     Per-class correct/total counts are summed over owners (one all_reduce), so every rank computes the
@@ -232,15 +203,13 @@ def _auto_pick(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, 
     greedy soup; no validation image leaves its owner.
     """
     rules = list(cfg.unify.compare) or list(AUTO_DEFAULT)
-    local, local_ints = flat.values.clone(), flat.ints.clone()
     counts: list[int] = []
     for rule in rules:
-        with stage(f"auto candidate ({rule}) in round {round_}", ctx):
-            unifier.unify_(rule, weight=float(len(data.train)), commit=False)  # collective
-        correct, total = per_class_correct(model, data.val, data.num_classes)
-        counts += correct + total
-        flat.values.copy_(local)
-        flat.ints.copy_(local_ints)
+        with _trial(unifier):
+            with stage(f"auto candidate ({rule}) in round {round_}", ctx):
+                unifier.unify(float(len(data.train)), rule=rule, commit=False, verify=False)  # collective
+            correct, total = per_class_correct(model, data.val, data.num_classes)
+            counts += correct + total
     summed = torch.tensor(counts, dtype=torch.float64, device=ctx.device)
     with stage(f"auto vote in round {round_}", ctx):
         dist.all_reduce(summed)  # collective: the same counts, so the same choice, on every rank
@@ -248,6 +217,39 @@ def _auto_pick(cfg: RunConfig, ctx: Context, flat: FlatState, unifier: Unifier, 
     seen = per_rule[0, 1] > 0
     scores = (per_rule[:, 0, seen] / per_rule[:, 1, seen]).mean(1).tolist()  # balanced validation accuracy
     return rules[max(range(len(rules)), key=lambda i: (scores[i], -i))]
+
+
+class _trial:
+    """Within the block, unify freely: on leaving it, this owner's local weights are back."""
+
+    def __init__(self, unifier: Unifier):
+        self.flat = unifier.flat
+
+    def __enter__(self) -> None:
+        self.values, self.ints = self.flat.values.clone(), self.flat.ints.clone()
+
+    def __exit__(self, *exc: object) -> None:
+        self.flat.values.copy_(self.values)
+        self.flat.ints.copy_(self.ints)
+
+
+def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: OwnerData, round_: int, loss: float,
+                      local: list[Any], candidates: list[float], outcome) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the unified model on this owner's data, gather every owner's figures, build the record."""
+    unified_val = count_correct(model, data.val)
+    unified_pc = per_class_correct(model, data.test, data.num_classes)
+    (local_val, local_pc) = local
+    mine = [len(data.train), loss, *local_val, *unified_val, outcome.seconds, *candidates]
+    mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
+    with stage(f"metrics gather in round {round_}", ctx):
+        gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
+    digests = [outcome.digest] * ctx.world_size  # verified equal on every rank by unify
+    record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
+    record["rule_used"] = outcome.rule
+    if outcome.dp_epsilon is not None:  # the privacy spent so far, (epsilon, delta)-DP per owner
+        record["dp_epsilon"] = outcome.dp_epsilon
+        record["dp_delta"] = cfg.unify.dp_delta
+    return record
 
 
 _BASE = ["n_train", "loss", "local_val_c", "local_val_t", "unified_val_c", "unified_val_t", "unify_s"]
@@ -297,26 +299,7 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
     }
 
 
-def _state(cfg: RunConfig, model: nn.Module, optimizer, records: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": records}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-        state["rng"] = {"torch": torch.get_rng_state()}
-    return state
-
-
-def _resume(
-    cfg: RunConfig,
-    ctx: Context,
-    ckpt: Checkpointer,
-    flat: FlatState,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    unifier: Unifier,
-    scaffold: Scaffold | None,
-    records: list,
-    out: Reporter,
-) -> int:
+def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState, out: Reporter) -> int:
     """Continue from the newest round that every owner has a readable checkpoint of (0: start fresh).
 
     A collective (all_gather_object of each owner's readable rounds): every rank calls it.
@@ -334,16 +317,10 @@ def _resume(
     if not common:
         return 0
     round_ = max(common)
-    state = ckpt.load(round_)
-    assert state is not None  # readable a moment ago
-    model.load_state_dict(state["model"])  # copies in place: the flat views stay intact
-    optimizer.load_state_dict(state["optimizer"])
-    unifier.load_state_dict(state.get("unifier", {}))  # anchor and momentum of delta-space options
-    if scaffold is not None and state.get("scaffold"):
-        scaffold.load_state_dict(state["scaffold"])
-    torch.set_rng_state(state["rng"]["torch"])
-    records.extend(state["metrics"])
+    saved = ckpt.load(round_)
+    assert saved is not None  # readable a moment ago
+    state.load_state_dict(saved)
     with stage("resume digest check", ctx):
-        verify_identical(flat)  # collective
+        verify_identical(state.unifier.flat)  # collective
     out.info(f"resumed from round {round_} (every owner had it)")
     return round_

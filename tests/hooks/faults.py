@@ -1,5 +1,8 @@
 """Fault injection: a test hook that makes one owner misbehave on purpose, right before unify.
 
+The tests launch the program through this module (`torchrun ... -m tests.hooks.faults train ...`):
+it is the program plus one round hook, so neither the library nor the round loop knows of faults.
+
 Not a feature for users. The reliability tests set the environment variable UNIFY_DIST_FAULT to prove,
 with real processes, that a stalled owner stops every rank within dist.timeout_s (instead of a hang)
 and that an owner with NaN weights is caught by the unify.nonfinite policy:
@@ -17,9 +20,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from unify_dist.flat import FlatState
+from unify_dist.app.cli import main as cli_main
+from unify_dist.unifier import Unifier
 
-__all__ = ["FAULT_ENV", "Fault", "parse_fault", "before_unify"]
+__all__ = ["FAULT_ENV", "Fault", "parse_fault", "FaultHook"]
 
 FAULT_ENV = "UNIFY_DIST_FAULT"
 KINDS = ("stall", "nan")
@@ -52,13 +56,22 @@ def _fault() -> Fault | None:
     return parse_fault(text) if text else None
 
 
-def before_unify(rank: int, round_: int, flat: FlatState) -> None:
-    """Called by the round loop right before unify: inject the configured fault if it is ours."""
-    fault = _fault()
-    if fault is None or fault.rank != rank or fault.round != round_:
-        return
-    if fault.kind == "nan":
-        flat.values.fill_(float("nan"))
-        return
-    while True:  # stall: a hung owner never reaches the collective; the others must time out
-        time.sleep(3600)
+class FaultHook:
+    """The round hook: inject the configured fault when it is this owner's and this round's."""
+
+    def start(self, rank: int, world_size: int, say) -> None:
+        self.rank = rank
+
+    def before_unify(self, round_: int, unifier: Unifier) -> None:
+        fault = _fault()
+        if fault is None or fault.rank != self.rank or fault.round != round_:
+            return
+        if fault.kind == "nan":
+            unifier.flat.values.fill_(float("nan"))
+            return
+        while True:  # stall: a hung owner never reaches the collective; the others must time out
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(hooks=[FaultHook()]))

@@ -1,6 +1,6 @@
 """The baseline unify-dist is measured against: DistributedDataParallel, gradients all_reduced every step.
 
-    torchrun ... -m unify_dist.ddp_baseline --config configs/paper_v.toml --target 0.88 --out DIR
+    torchrun ... -m benchmarks.ddp_baseline --config configs/paper_v.toml --target 0.88 --out DIR
 
 Everything but the synchronisation is unify-dist's own: config and --set, process group, each rank's data
 share (the owner's share in unify-dist), model, optimizer, epoch order, accuracy counts. After every epoch
@@ -21,16 +21,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from unify_dist.checkpoint import MetricsLog
-from unify_dist.config import RunConfig, load_config
-from unify_dist.console import Reporter
+from unify_dist.app.checkpoint import MetricsLog
+from unify_dist.app.config import RunConfig, load_config
+from unify_dist.app.console import Reporter
 from unify_dist.distributed import Context, all_gather_floats, init_context, shutdown, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
-from unify_dist.loop import load_data
+from unify_dist.app.loop import load_data
 from unify_dist.models import build_model
 from unify_dist.train import count_correct, epoch_generator, make_optimizer, round_lr, set_lr, train_epoch
-from unify_dist.unify import verify_identical
+from unify_dist.collectives import verify_identical
 
 __all__ = ["train_ddp", "main"]
 
@@ -85,7 +85,7 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="unify_dist.ddp_baseline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks.ddp_baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML config file, e.g. configs/paper_v.toml (defaults if omitted)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
     parser.add_argument("--target", type=float, default=0.0, help="stop at this test accuracy (0: never)")

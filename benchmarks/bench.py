@@ -1,4 +1,4 @@
-"""`unify-dist bench`: how fast unify and a local epoch are, each as a ratio against a baseline timed
+"""`make bench` (python -m benchmarks.bench): how fast unify and a local epoch are, each as a ratio against a baseline timed
 in the same run.
 
 Absolute times on a shared CPU say little; a ratio against the obvious alternative, timed in the same
@@ -22,6 +22,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,12 +38,14 @@ from torch import Tensor, nn
 
 from unify_dist.config import ModelConfig, UnifyConfig
 from unify_dist.data import TORCHVISION_SETS, Split
+from unify_dist.app.cli import say
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import MODELS, build_model
 from unify_dist.train import epoch_generator, train_epoch
 from unify_dist.rules import absmax_keys_, absmax_unkeys_
-from unify_dist.unify import Unifier, in_chunks, key_chunk, tail_size
+from unify_dist.collectives import in_chunks, key_chunk, tail_size
+from unify_dist.unifier import Unifier
 
 __all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost"]
 
@@ -61,7 +64,7 @@ QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repea
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unify-dist bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few repeats and small sizes (seconds; for tests)")
     p.add_argument("--out", default="results/bench.json", help="JSON file to write (default results/bench.json)")
     p.add_argument("--owners", default="2,4", help="owner counts for the model benchmarks (default 2,4)")
@@ -206,23 +209,23 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     twin = _twin_params(model, name)
     flat = FlatState(model, tail=tail_size(world, model))
     n = flat.numel
-    fast = Unifier(flat, UnifyConfig())
-    gather = Unifier(flat, UnifyConfig(absmax_impl="gather", chunk_elements=args.chunk_elements))
+    fast = Unifier.over(flat, UnifyConfig())
+    gather = Unifier.over(flat, UnifyConfig(absmax_impl="gather", chunk_elements=args.chunk_elements))
     same_bytes = torch.zeros(n)  # zeros: float adds cost the same for any finite non-denormal value
     keys = flat.values.clone().view(torch.int32)  # absmax's payload: n int32 keys
     key_scratch = torch.empty(min(key_chunk(torch.device("cpu")), n), dtype=torch.int32)  # as unify's
-    fast.unify_("avg")  # gloo's first collective of a size sets up buffers: not what is measured below
+    fast.unify(rule="avg")  # gloo's first collective of a size sets up buffers: not what is measured below
     memory = {  # first calls, smallest expected first; each measured from a reset peak
-        "avg": peak_extra_bytes(lambda: fast.unify_("avg")),
-        "absmax_gather": peak_extra_bytes(lambda: gather.unify_("absmax")),
-        "absmax_reduce": peak_extra_bytes(lambda: fast.unify_("absmax")),
+        "avg": peak_extra_bytes(lambda: fast.unify(rule="avg")),
+        "absmax_gather": peak_extra_bytes(lambda: gather.unify(rule="absmax")),
+        "absmax_reduce": peak_extra_bytes(lambda: fast.unify(rule="absmax")),
     }
     ops = {
         "all_reduce": lambda: dist.all_reduce(same_bytes),
-        "avg": lambda: fast.unify_("avg"),
+        "avg": lambda: fast.unify(rule="avg"),
         "average_parameters": lambda: average_parameters(iter(twin), None),
-        "absmax_reduce": lambda: fast.unify_("absmax"),
-        "absmax_gather": lambda: gather.unify_("absmax"),
+        "absmax_reduce": lambda: fast.unify(rule="absmax"),
+        "absmax_gather": lambda: gather.unify(rule="absmax"),
         # the pieces of avg besides its all_reduce, to explain a ratio above target
         "nonfinite_check": lambda: bool(torch.isfinite(flat.values.sum())),
         "divide": lambda: flat.values.mul_(1.0),  # as unify does it: times the reciprocal
@@ -251,9 +254,9 @@ class _Flat(nn.Module):
 def _scaling_case(size: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(dist.get_rank())
     flat = FlatState(_Flat(size), tail=tail_size(world))
-    fast = Unifier(flat, UnifyConfig())
+    fast = Unifier.over(flat, UnifyConfig())
     same_bytes = torch.zeros(size)
-    times = time_ops({"all_reduce": lambda: dist.all_reduce(same_bytes), "avg": lambda: fast.unify_("avg")},
+    times = time_ops({"all_reduce": lambda: dist.all_reduce(same_bytes), "avg": lambda: fast.unify(rule="avg")},
                      args.repeats, args.warmup)  # fmt: skip
     return {"params": size, "owners": world, "times": times}
 
@@ -512,9 +515,15 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
 
 
-def main(argv: list[str]) -> int:
-    """Run every section, print the tables, write the JSON; 0 even when a target fails (it is a measurement)."""
-    args = _settings(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Run every section, print the tables, write the JSON; 0 even when a target fails (it is a measurement).
+
+    A bad option is one line on stderr and exit code 2."""
+    try:
+        args = _settings(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        say(f"unify-dist: error: {e}")
+        return 2
     worlds = sorted(set(args.owners) | set(args.scaling_owners))
     runs = [_run_owners(w, args) for w in worlds]
     models = [c for r in runs for c in r["models"]]
@@ -533,3 +542,7 @@ def main(argv: list[str]) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

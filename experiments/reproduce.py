@@ -1,6 +1,6 @@
 """Reproduce the paper's tables: V and H environments, avg/max/absmax, plus a centralised baseline each.
 
-    python -m unify_dist.reproduce --rounds 30 --out results      # what `make reproduce` runs
+    python -m experiments.reproduce --rounds 30 --out results      # what `make reproduce` runs
 
 Every run is a real `unify-dist train` subprocess (2 owners through torchrun; the baseline is one
 process holding all the training data), run one after another, then `unify-dist report` over them.
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unify_dist import report
+from unify_dist.app import report
 from unify_dist.errors import UserError
 
 __all__ = ["Job", "plan", "main"]
@@ -38,7 +38,7 @@ class Job:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unify_dist.reproduce", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30, help="rounds per run (the paper's tables: 30)")
     p.add_argument("--envs", default="v,h", help="environments, comma-separated: v (IID), h (label split)")
     p.add_argument("--rules", default="avg,max,absmax", help="unify rules, comma-separated")
@@ -75,7 +75,9 @@ def _check(args: argparse.Namespace) -> None:
 def _train(config: str, sets: list[str], nproc: int) -> list[str]:
     """`unify-dist train` under torchrun for nproc owners, or as one plain process for the baseline."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launch if nproc > 1 else [sys.executable]), "-m", "unify_dist", "train", "--config", config]
+    # runs with a hostile owner go through the attack hook's entry point (benchmarks.attack), others the program
+    module = "benchmarks.attack" if any(s.startswith("attack.") for s in sets) else "unify_dist"
+    cmd = [*(launch if nproc > 1 else [sys.executable]), "-m", module, "train", "--config", config]
     for s in sets:
         cmd += ["--set", s]
     return cmd

@@ -1,4 +1,4 @@
-"""Command line: `unify-dist train|report|bench ...` (also `python -m unify_dist ...`).
+"""Command line: `unify-dist train|report ...` (also `python -m unify_dist ...`).
 
 A user's mistake (UserError) becomes one line on stderr and exit code 2; a run that fails for other
 reasons (a dead owner, a timeout, diverging weights) becomes one line and exit code 1. Set
@@ -11,36 +11,32 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Sequence
+from typing import Any
 
 from unify_dist.errors import UserError
 
-__all__ = ["main"]
+__all__ = ["main", "say"]
 
 
-def _train(args: argparse.Namespace) -> int:
-    from unify_dist.config import load_config
+def _train(args: argparse.Namespace, hooks: Sequence[Any] = ()) -> int:
+    from unify_dist.app.config import load_config
     from unify_dist.distributed import init_context, shutdown
-    from unify_dist.loop import run
+    from unify_dist.app.loop import run
 
     cfg = load_config(args.config, args.set)  # validated before any process group exists
     ctx = init_context(cfg.dist)
     try:
-        run(cfg, ctx)
+        run(cfg, ctx, hooks)
     finally:
         shutdown()
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from unify_dist.report import main as report_main
+    from unify_dist.app.report import main as report_main
 
     return report_main(args.run_dirs, args.out)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from unify_dist.bench import main as bench_main
-
-    return bench_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,34 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", help="run directories (or metrics.jsonl files)")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: the first run's parent)")
     report.set_defaults(func=_report)
-    bench = sub.add_parser("bench", help="benchmark unify and local epochs against baselines")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="bench options (see unify-dist bench --help)")
-    bench.set_defaults(func=_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[Any] = ()) -> int:
+    """The program; `hooks` act on the unifier each round (experiments and tests: unify_dist.app.loop)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # argparse's REMAINDER rejects a leading option (bench --quick): pass all on after "--"
-        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, hooks) if args.func is _train else args.func(args)
     except UserError as e:
-        _say(f"unify-dist: error: {e}")
+        say(f"unify-dist: error: {e}")
         return 2
     except KeyboardInterrupt:
-        _say("unify-dist: interrupted")
+        say("unify-dist: interrupted")
         return 130
     except Exception as e:  # a failed run, not a user mistake: one line, exit 1
         if os.environ.get("UNIFY_DIST_DEBUG"):
             traceback.print_exc()
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None else ""
-        _say(f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        say(f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return 1
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     sys.stderr.write(line.replace("\n", " ") + "\n")  # one write: lines of ranks printing at once stay whole
     sys.stderr.flush()

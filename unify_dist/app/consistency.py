@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unify_dist import __version__
-from unify_dist.config import RunConfig
+from unify_dist.app.config import RunConfig
 from unify_dist.errors import UserError
 
 __all__ = ["fingerprint", "check_consistency"]

@@ -1,10 +1,10 @@
 """Beyond the paper, measured: suites of real training runs and one table per suite.
 
-    python -m unify_dist.experiments robust   # 4 owners, one hostile: which rules survive (make robust)
-    python -m unify_dist.experiments skew     # label-skewed owners: H (2 owners) and dirichlet(0.1), 4 owners
-    python -m unify_dist.experiments dp       # accuracy against differential-privacy noise, 2 owners
+    python -m experiments.suites robust   # 4 owners, one hostile: which rules survive (make robust)
+    python -m experiments.suites skew     # label-skewed owners: H (2 owners) and dirichlet(0.1), 4 owners
+    python -m experiments.suites dp       # accuracy against differential-privacy noise, 2 owners
 
-Each run is a real `unify-dist train` under torchrun (as in unify_dist.reproduce), one after another;
+Each run is a real `unify-dist train` under torchrun (as in experiments.reproduce), one after another;
 each resumes from its checkpoints if the suite is run again. The table (final and best unified test
 accuracy per run) is printed and written to OUT/summary.md and OUT/summary.json.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unify_dist.errors import UserError
-from unify_dist.reproduce import Job, _run, _train
+from experiments.reproduce import Job, _run, _train
 
 __all__ = ["Run", "SUITES", "main"]
 
@@ -94,7 +94,7 @@ SUITES = {"robust": _robust, "skew": _skew, "dp": _dp}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unify_dist.experiments", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.suites", description=__doc__.splitlines()[0])
     p.add_argument("suite", choices=sorted(SUITES), help="which suite of runs")
     p.add_argument("--rounds", type=int, default=0, help="rounds per run (default: robust 8, skew 30)")
     p.add_argument("--train-per-owner", type=int, default=0, help="cap on each owner's training images (robust: 3000)")

@@ -1,0 +1,144 @@
+"""The run's configuration file: the library's sections plus the program's own, loaded from TOML and
+overridden by --set, every value validated on load (all problems reported together, one line)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from unify_dist.config import DataConfig, DistConfig, ModelConfig, TrainConfig, UnifyConfig
+from unify_dist.errors import UserError
+
+__all__ = ["OutputConfig", "RunConfig", "load_config", "parse_overrides", "build_section"]
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/latest"
+    """Run directory: metrics.jsonl, checkpoints/, final.pt."""
+    keep_checkpoints: int = 3
+    """How many round checkpoints to keep (older ones are deleted)."""
+    resume: bool = True
+    """Continue from the newest round every owner has a checkpoint of (false: delete them, start over)."""
+    progress: bool = True
+    """Show rich progress bars on rank 0 (tables are always shown)."""
+    all_ranks: bool = False
+    """Let every rank print, prefixed by its rank (for debugging)."""
+    local_metrics: bool = True
+    """Evaluate each owner's local model before unify (the paper's local columns, the per-class matrix);
+    false skips those two evaluation passes per round."""
+
+    def problems(self) -> list[str]:
+        if self.keep_checkpoints < 1:
+            return [f"output.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"]
+        return []
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    """A label for the run, shown in tables and stored in metrics."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unify: UnifyConfig = field(default_factory=UnifyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                out += section.problems()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ['train.lr=0.1', 'name=x'] into nested TOML-typed values; values parse as TOML, else as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set '{item}' has no '=': write --set section.key=value, e.g. --set train.lr=0.01")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare words such as rule names need no quotes on the command line
+        *path, leaf = key.strip().split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one TOML value against the field's type; ints are accepted where floats are expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ == list[str]:
+        if isinstance(value, str):  # --set unify.compare=avg,max
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{key} must be a list of names, e.g. [\"avg\", \"max\"]; got {value!r}")
+    if isinstance(typ, type) and isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise UserError(f"{key} must be of type {name}, got {value!r} ({type(value).__name__}); fix the config or --set")
+
+
+def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            also = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise UserError(f"unknown config key '{full}'{also}; known keys here: {', '.join(sorted(known))}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise UserError(f"'{full}' is a section: write [{full}] in TOML or --set {full}.KEY=VALUE")
+            kwargs[key] = build_section(typ, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, typ)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML file (or defaults when path is None), apply --set overrides, validate everything.
+
+    Raises UserError with every problem found, joined on one line.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file '{p}' does not exist; pass an existing file, e.g. configs/demo_cpu.toml")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file '{p}' is not valid TOML ({e}); fix the syntax and run again") from None
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = build_section(RunConfig, raw, "")
+    problems = cfg.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg

@@ -1,0 +1,253 @@
+"""The collective core: one owner's flat state in, every owner's unified state out, in place.
+
+The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here matches rule names:
+  sum / weighted_sum  one all_reduce SUM of (weight * x), then times 1 / the summed weight;
+  max                 one all_reduce MAX of x;
+  absmax              one all_reduce MAX of integer keys that order values by magnitude, then positive
+                      over negative (rules.absmax_keys_): the reference's tie rule, bit for bit;
+  masked_sum          the mean from pairwise-masked fixed-point contributions (unify_dist.secure);
+  gather              the owners' values gathered chunk by chunk, and the pure reference applied:
+                      extra memory owners x chunk_elements. Any registered rule runs this way.
+
+Non-finite weights are caught before anything is combined. Each owner checks its own values; a sick
+owner contributes the path's neutral element (0 with weight 0 for sums, -inf for MAX: never a zero,
+which would corrupt max; -0.0, the smallest key, for absmax) and raises its flag in the buffer's tail,
+which rides in the same collective. So the health check costs no extra round trip, and with
+nonfinite = "skip" the round's result is exactly the rule over the healthy owners.
+
+Everything around a rule (update space, clipping, noise, server momentum) lives in unify_dist.wrappers
+and is composed by unify_dist.unifier.Unifier; this module only moves and combines bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from unify_dist.flat import FlatState
+from unify_dist.rules import KEY_DTYPES, RuleSpec, absmax_keys_, absmax_unkeys_
+from unify_dist.secure import SecureSum
+
+__all__ = [
+    "Collective", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical", "in_chunks", "key_chunk",
+]  # fmt: skip
+
+
+def key_chunk(device: torch.device) -> int:
+    """Elements per step of absmax's key transform: on a CPU 256 KiB of int32, so each step's passes stay
+    in L2; elsewhere (GPUs) 64 MiB, since each op of a step is a kernel launch."""
+    return 1 << 16 if device.type == "cpu" else 1 << 24
+
+
+class NonFiniteError(RuntimeError):
+    """An owner's weights hold NaN or Inf and the policy is `fail`."""
+
+
+class DivergenceError(RuntimeError):
+    """Ranks hold different unified weights after a unify: a bug or a corrupt link, never ignored."""
+
+
+def tail_size(world_size: int, model: nn.Module | None = None) -> int:
+    """Tail elements FlatState must reserve: one flag per owner, the summed weight, and (given the model)
+    room for every owner's integer buffers, so the fast paths unify everything in one collective."""
+    ints = 0 if model is None else sum(b.numel() for b in model.buffers() if not b.is_floating_point())
+    return world_size + 1 + 2 * ints * world_size
+
+
+class Collective:
+    """Runs one rule's collective over a FlatState; holds the scratch buffers so rounds do not reallocate.
+
+    `absmax_impl = "gather"` sends absmax through the gather path; `chunk_elements` bounds that path's memory.
+    """
+
+    def __init__(self, flat: FlatState, group: dist.ProcessGroup | None, absmax_impl: str, chunk_elements: int):
+        self.flat, self.group, self.chunk_elements = flat, group, chunk_elements
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        if flat.tail.numel() < tail_size(self.world):
+            raise ValueError(f"FlatState tail holds {flat.tail.numel()} elements, need {tail_size(self.world)}")
+        # absmax's one-all_reduce path needs integer keys as wide as the floats (float32/64); else gather
+        self.absmax_reduce = absmax_impl == "reduce" and flat.buffer.dtype in KEY_DTYPES
+        self._scratch: Tensor | None = None  # absmax's key-transform scratch, made on first use
+        self._secure: SecureSum | None = None  # masked_sum's pair secrets: exchanged on first use
+        # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
+        self._ints_in_tail = flat.ints.numel() > 0 and flat.tail.numel() >= tail_size(self.world) + 2 * flat.ints.numel() * self.world
+
+    def path(self, spec: RuleSpec) -> str:
+        """The collective this rule runs here: its spec's, or gather where the fast path cannot serve."""
+        if spec.collective == "absmax" and not self.absmax_reduce:
+            return "gather"
+        return spec.collective
+
+    def reduce(self, spec: RuleSpec, combine: Callable[[Tensor, Tensor], Tensor], weight: float, sick: bool) -> list[float]:
+        """The collective: every owner's values become the rule's result. Returns each owner's sick flag.
+
+        `combine` is the reference (stacked, weights) -> unified, used by the gather path only.
+        """
+        path = self.path(spec)
+        if path in ("sum", "weighted_sum"):
+            flags = self._sum(weight if path == "weighted_sum" else 1.0, sick)
+        elif path == "max":
+            flags = self._max(sick)
+        elif path == "absmax":
+            flags = self._absmax(sick)
+        elif path == "masked_sum":
+            flags = self._secure_sum(sick)
+        else:
+            flags = self._gather(combine, weight, sick)
+        if self.flat.ints.numel() and not (self._ints_in_tail and path != "gather"):
+            dist.all_reduce(self.flat.ints, dist.ReduceOp.MAX, group=self.group)  # counters: the furthest owner
+        return flags
+
+    def find_nonfinite(self) -> str | None:
+        """The name of a tensor of this owner's state holding NaN/Inf, '?' if only the sum overflowed, else None."""
+        values = self.flat.values
+        # One reduction instead of a full isfinite mask: NaN/Inf anywhere makes the sum non-finite.
+        if torch.isfinite(values.sum()):  # host sync
+            return None
+        bad = (~torch.isfinite(values)).nonzero()
+        return self.flat.slot_of(int(bad[0])) if bad.numel() else None  # empty: the sum merely overflowed
+
+    def _reset_tail(self, tail: Tensor, sick: bool, neutral: float = 0.0) -> None:
+        """Flags to zero (this owner's to 1 if sick); integer buffers into this owner's row of the tail.
+
+        Integers travel as two float halves (value >> 24, value & 0xFFFFFF), each exact in float32;
+        the other owners' rows hold the collective's neutral element (0 for SUM, -inf for MAX).
+        """
+        tail.zero_()
+        if sick:
+            tail[self.rank] = 1.0
+        if self._ints_in_tail:
+            k, first = self.flat.ints.numel(), self.world + 1
+            rows = tail[first : first + 2 * k * self.world].view(self.world, 2, k)
+            rows.fill_(neutral)
+            rows[self.rank, 0] = self.flat.ints >> 24
+            rows[self.rank, 1] = self.flat.ints & 0xFFFFFF
+
+    def _unpack_ints(self, tail: Tensor) -> None:
+        """After the collective: each integer buffer takes the largest value over owners (the furthest counter)."""
+        if not self._ints_in_tail:
+            return
+        k, first = self.flat.ints.numel(), self.world + 1
+        rows = tail[first : first + 2 * k * self.world].view(self.world, 2, k).to(torch.int64)
+        self.flat.ints.copy_((rows[:, 0] * (1 << 24) + rows[:, 1]).amax(0))
+
+    def _sum(self, weight: float, sick: bool) -> list[float]:
+        values, tail = self.flat.values, self.flat.tail
+        self._reset_tail(tail, sick)
+        if sick:
+            values.zero_()
+        else:
+            if weight != 1.0:
+                values.mul_(weight)
+            tail[self.world] = weight
+        dist.all_reduce(self.flat.buffer, dist.ReduceOp.SUM, group=self.group)
+        flags = tail[: self.world + 1].tolist()  # host sync: the divisor is the healthy owners' total weight
+        # times the reciprocal: twice as fast as a division here, within one rounding of it (exact for 2, 4, ...
+        # owners), and every rank does the same arithmetic, so the weights stay bit-identical
+        if flags[self.world] > 0:  # 0: every owner is sick, and the Unifier raises
+            values.mul_(1.0 / flags[self.world])
+        self._unpack_ints(tail)
+        return flags
+
+    def _secure_sum(self, sick: bool) -> list[float]:
+        """Mean over healthy owners from masked int64 fixed-point contributions: one all_reduce SUM.
+
+        The tail (flags, weight, integer buffers: small integers, nothing secret) travels unmasked
+        after the values in the same int64 buffer. A sick owner still sends its masks, on zeros, so
+        the other owners' masks cancel.
+        """
+        if self._secure is None:
+            self._secure = SecureSum(self.group)  # pair secrets: point-to-point, once per process
+        values, tail = self.flat.values, self.flat.tail
+        self._reset_tail(tail, sick)
+        if not sick:
+            tail[self.world] = 1.0
+        self._secure.mean_(values, tail, sick)
+        self._unpack_ints(tail)
+        return tail[: self.world + 1].tolist()
+
+    def _max(self, sick: bool) -> list[float]:
+        values, tail = self.flat.values, self.flat.tail
+        self._reset_tail(tail, sick, neutral=float("-inf"))
+        if sick:
+            values.fill_(float("-inf"))
+        dist.all_reduce(self.flat.buffer, dist.ReduceOp.MAX, group=self.group)
+        self._unpack_ints(tail)
+        return tail[: self.world].tolist()
+
+    def _absmax(self, sick: bool) -> list[float]:
+        """absmax as one all_reduce MAX over integer keys (rules.absmax_keys_): the bytes of avg's SUM.
+
+        The whole buffer, tail included, travels as keys: the tail's flags and integer halves are
+        non-negative floats, whose key order is their value order, and -0.0 (the smallest key) is the
+        neutral element. The key transform runs in key_chunk() steps, so on a CPU it stays in cache,
+        and its scratch is bounded whatever the model size or owner count.
+        """
+        buffer, tail = self.flat.buffer, self.flat.tail
+        self._reset_tail(tail, sick, neutral=-0.0)
+        if sick:
+            self.flat.values.fill_(-0.0)  # the smallest key: never wins over a healthy owner's value
+        keys = buffer.view(KEY_DTYPES[buffer.dtype])
+        if self._scratch is None:
+            size = min(key_chunk(keys.device), keys.numel())
+            self._scratch = torch.empty(size, dtype=keys.dtype, device=keys.device)
+        in_chunks(absmax_keys_, keys, self._scratch)
+        dist.all_reduce(keys, dist.ReduceOp.MAX, group=self.group)
+        in_chunks(absmax_unkeys_, keys, self._scratch)
+        self._unpack_ints(tail)
+        return tail[: self.world].tolist()
+
+    def _gather(self, fn: Callable[[Tensor, Tensor], Tensor], weight: float, sick: bool) -> list[float]:
+        values = self.flat.values
+        n, chunk = values.numel(), min(self.chunk_elements, max(values.numel(), 1))
+        info = torch.tensor([1.0 if sick else 0.0, weight], dtype=torch.float64, device=values.device)
+        infos = [torch.empty_like(info) for _ in range(self.world)]
+        dist.all_gather(infos, info, group=self.group)
+        flags = [float(i[0]) for i in infos]
+        healthy = [r for r in range(self.world) if not flags[r]]
+        if not healthy:
+            return flags
+        weights = torch.tensor([float(infos[r][1]) for r in healthy], dtype=torch.float64, device=values.device)
+        rows = torch.empty(self.world, chunk, dtype=values.dtype, device=values.device)
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            parts = [rows[r, : end - start] for r in range(self.world)]
+            dist.all_gather(parts, values[start:end], group=self.group)
+            stacked = rows[:, : end - start] if len(healthy) == self.world else rows[healthy, : end - start]
+            values[start:end] = fn(stacked, weights)
+        return flags
+
+
+def in_chunks(step, keys: Tensor, scratch: Tensor) -> None:
+    """Apply an in-place key step to `keys` one scratch-sized piece at a time."""
+    size = scratch.numel()
+    for start in range(0, keys.numel(), size):
+        piece = keys[start : start + size]
+        step(piece, scratch[: piece.numel()])
+
+
+def verify_identical(flat: FlatState, group: dist.ProcessGroup | None = None) -> list[str]:
+    """Digest this rank's state, gather every rank's digest, raise DivergenceError naming the odd ranks.
+
+    Returns every rank's digest (all equal), for the record. A collective: every rank calls it.
+    """
+    digest = flat.digest()
+    value = int(digest, 16)
+    mine = torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
+    if flat.values.is_cuda:
+        mine = mine.to(flat.values.device)  # NCCL gathers device tensors only
+    world = dist.get_world_size(group)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    digests = [f"{int(t) & ((1 << 64) - 1):016x}" for t in out]
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise DivergenceError(
+            f"ranks {differ} hold different weights than rank 0 after unify (digests {digests}); "
+            "every rank must end every round with identical weights, so the run stops here"
+        )
+    return digests

@@ -1,0 +1,324 @@
+"""The public face of unification: `same_start` once, then `Unifier.unify` after every local epoch.
+
+Example, on every owner's process (launched with torchrun, or any process group)::
+
+    import torch.distributed as dist
+    import unify_dist as ud
+
+    dist.init_process_group("gloo")
+    model = MyModel()
+    ud.same_start(model)                              # rank 0's weights everywhere, proven identical
+    unifier = ud.Unifier(model, rule="avg")           # any registered rule, any option of UnifyConfig
+    optimizer = torch.optim.Adam(model.parameters())  # before or after the Unifier: both work
+    for epoch in range(10):
+        train_one_epoch(model, optimizer, my_loader)  # the owner's own loop, untouched
+        outcome = unifier.unify(weight=len(my_dataset))
+        print(outcome.digest, outcome.skipped, outcome.seconds)
+
+`Unifier(model)` re-points every float parameter and buffer of the model into one flat buffer (the same
+Parameter objects, so optimizers, hooks and AMP keep working), so a unify is one collective with no
+copies. Integer buffers (BatchNorm's num_batches_tracked) take the largest value over owners.
+
+Order of one unify (unify_dist.wrappers composes the concerns around the core):
+  1. this owner checks its weights for NaN/Inf (nonfinite = fail: every rank stops; skip: left out);
+  2. update space (when an option needs it): update = weights - anchor, clipped, noised;
+  3. the rule's own per-owner step (ties' trim), then its collective (unify_dist.collectives);
+  4. the unified update through server momentum, back to weights, new anchor;
+  5. every rank's digest gathered and compared: equal bits, or DivergenceError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unify_dist.collectives import Collective, DivergenceError, NonFiniteError, tail_size, verify_identical
+from unify_dist.config import UnifyConfig
+from unify_dist.flat import FlatState
+from unify_dist.rules import RULES, SPECS
+from unify_dist.wrappers import ClipUpdate, GaussianNoise, ServerMomentum, UpdateSpace
+
+__all__ = ["Unifier", "UnifyOutcome", "same_start", "structure"]
+
+
+@dataclass(frozen=True)
+class UnifyOutcome:
+    """What one unify did. The same on every rank, except `seconds` (this rank's wall time)."""
+
+    rule: str
+    """The rule that ran."""
+    skipped: list[int]
+    """Ranks left out of this unify because their weights were not finite (nonfinite = skip)."""
+    digest: str | None
+    """16 hex digits of BLAKE2b over the unified state, equal on every rank (None: verify=False)."""
+    seconds: float
+    """Wall time of the unify on this rank, the digest check excluded."""
+    dp_epsilon: float | None = None
+    """With dp_noise_multiplier > 0: this owner's privacy spent so far (epsilon at UnifyConfig.dp_delta)."""
+
+
+class Unifier:
+    """Unify one model's weights across the owners of a process group, with any registered rule.
+
+    Args:
+        model: any nn.Module whose float state has one dtype on one device, identical on every rank
+            (call `same_start(model)` first). Built once; the model's tensors become views of its buffer.
+        rule: a registered rule name (`unify_dist.rules.RULES`; add your own with `register_rule`).
+        group: the process group of the owners; None means the default (WORLD).
+        **options: any UnifyConfig field (nonfinite="skip", space="delta", update_norm_bound=1.0, ...).
+
+    A collective to construct (it checks that every owner has the same structure and weights) and to
+    call: every rank of the group must do both. `state_dict()` / `load_state_dict()` carry what lives
+    across rounds (anchor, momentum, privacy spent) for checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, rule: str = "avg", group: dist.ProcessGroup | None = None, **options: Any):
+        cfg = unify_options(rule, options)
+        world = dist.get_world_size(group)
+        check_same_structure(model, group)  # collective; ValueError naming the layer
+        flat = FlatState(model, tail=tail_size(world, model))
+        try:
+            verify_identical(flat, group)  # collective
+        except DivergenceError:
+            raise ValueError(
+                "owners start from different weights; call unify_dist.same_start(model) on every owner "
+                "before building the Unifier"
+            ) from None
+        self._setup(flat, cfg, group)
+
+    @classmethod
+    def over(cls, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None = None) -> "Unifier":
+        """A Unifier over an existing FlatState whose ranks already hold the same weights (the program's
+        round loop, tests, benchmarks): no structure or weight check, no collective."""
+        self = cls.__new__(cls)
+        self._setup(flat, cfg, group)
+        return self
+
+    def _setup(self, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None) -> None:
+        self.flat, self.cfg, self.group, self.rule = flat, cfg, group, cfg.rule
+        self.rank = dist.get_rank(group)
+        self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)
+        # The concerns, in the order they run (module docstring); None / [] when their option is off,
+        # and then the core's paths run untouched (no anchor copy, not one extra pass).
+        self.space = UpdateSpace(flat.values) if _needs_anchor(cfg) else None
+        self.owner_steps: list[Any] = []
+        if cfg.update_norm_bound > 0:
+            self.owner_steps.append(ClipUpdate(cfg.update_norm_bound))
+            if cfg.dp_noise_multiplier > 0:
+                self.owner_steps.append(GaussianNoise(cfg.dp_noise_multiplier, cfg.update_norm_bound, cfg.dp_delta))
+        self.unified_steps: list[Any] = []
+        if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
+            self.unified_steps.append(ServerMomentum(cfg.server_momentum, cfg.server_lr, flat.values))
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Anchor, momentum and privacy spent, when the options in use keep them ({} for plain rules)."""
+        state: dict[str, Any] = {}
+        for part in (self.space, *self.owner_steps, *self.unified_steps):
+            if part is not None and hasattr(part, "state_dict"):
+                state.update(part.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() in place; call after the model's weights are restored."""
+        if self.space is not None:
+            self.space.load_state_dict(state, self.flat.values)
+        for part in (*self.owner_steps, *self.unified_steps):
+            if hasattr(part, "load_state_dict"):
+                part.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------ unify
+    def unify(self, weight: float = 1.0, *, rule: str | None = None, commit: bool = True, verify: bool = True) -> UnifyOutcome:
+        """Replace this owner's weights with the unified weights of all owners. A collective.
+
+        weight: this owner's weight for weighted rules (its local sample count, say); others ignore it.
+        rule: another registered rule for this call only (side-by-side comparisons).
+        commit: False leaves anchor and momentum as they were (a candidate that will be thrown away).
+        verify: False skips the digest check (benchmarks; the round loop always verifies).
+        """
+        name = rule or self.rule
+        if name not in RULES:
+            raise ValueError(_unknown_rule(name))
+        spec = SPECS[name]
+        if spec.delta_only and self.space is None:
+            raise ValueError(f"unify rule '{name}' works on updates: name it in the rule or in UnifyConfig.compare")
+        delta = self.space is not None and (self.cfg.space == "delta" or spec.delta_only)
+        options = {k: getattr(self.cfg, k) for k in spec.options}
+        values = self.flat.values
+        t0 = time.perf_counter()
+
+        sick_tensor = self.core.find_nonfinite()  # 1. host sync
+        if sick_tensor is None:
+            self._owner_side(values, delta, commit)  # 2.
+            if spec.owner_step is not None:
+                values.copy_(spec.owner_step(values, **options))  # 3. needs this owner's whole vector
+        combine = spec.combine or partial(spec.reference, **options)
+        flags = self.core.reduce(spec, combine, weight, sick_tensor is not None)  # 3. collective
+        sick = [r for r in range(self.core.world) if flags[r] > 0]
+        if sick and self.cfg.nonfinite == "fail":
+            mine = f"owner {self.rank} has non-finite weights in '{sick_tensor}'" if sick_tensor else None
+            raise NonFiniteError(
+                (mine or f"owner(s) {sick} have non-finite (NaN/Inf) weights")
+                + " before unify; lower the learning rate, or set unify.nonfinite=skip to leave such owners out"
+            )
+        if len(sick) == self.core.world:
+            raise NonFiniteError("every owner has non-finite weights: there is nothing left to unify")
+        if self.space is not None:
+            self._unified_side(values, delta, commit)  # 4.
+        seconds = time.perf_counter() - t0
+        digests = verify_identical(self.flat, self.group) if verify else None  # 5. collective
+        noise = next((s for s in self.owner_steps if isinstance(s, GaussianNoise)), None)
+        return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, noise.epsilon() if noise else None)
+
+    def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool) -> None:
+        """Local, before any collective: this owner's (clipped, noised) update, or weights = anchor + that."""
+        if self.space is None or not (delta or self.owner_steps):
+            return
+        values.sub_(self.space.anchor)  # this owner's update since the last unified model
+        for step in self.owner_steps:
+            step(values, commit)
+        if not delta:
+            values.add_(self.space.anchor)
+
+    def _unified_side(self, values: torch.Tensor, delta: bool, commit: bool) -> None:
+        """Local, after the collective, the same arithmetic on identical tensors on every rank."""
+        assert self.space is not None
+        anchor = self.space.anchor
+        if self.unified_steps:
+            if not delta:
+                values.sub_(anchor)  # the round's unified update
+            for step in self.unified_steps:
+                step(values, commit)
+            values.add_(anchor)
+        elif delta:
+            values.add_(anchor)
+        if commit:
+            anchor.copy_(values)
+
+
+def _needs_anchor(cfg: UnifyConfig) -> bool:
+    """Whether any option in use needs the previous unified state."""
+    delta_rule = any(SPECS[r].delta_only for r in [cfg.rule, *cfg.compare] if r in SPECS)
+    server = cfg.server_momentum > 0 or cfg.server_lr != 1.0
+    return cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server
+
+
+def _unknown_rule(name: str) -> str:
+    hint = difflib.get_close_matches(name, list(RULES), n=1) or difflib.get_close_matches(name.lower(), list(RULES), n=1)
+    also = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"unknown unify rule '{name}'{also}; known: {', '.join(RULES)}; add one with unify_dist.register_rule"
+
+
+def unify_options(rule: str, options: dict[str, Any]) -> UnifyConfig:
+    """UnifyConfig from a rule name and keyword options; ValueError naming a wrong option or value."""
+    known = {f.name for f in dataclasses.fields(UnifyConfig)} - {"rule"}
+    for key in options:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            also = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"Unifier has no option '{key}'{also}; options: {', '.join(sorted(known))}")
+    if rule not in RULES:
+        raise ValueError(_unknown_rule(rule))
+    cfg = UnifyConfig(rule=rule, **options)
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ same start
+
+
+def structure(model: nn.Module) -> list[str]:
+    """'name:shape:dtype' of every tensor in the model's state: what owners must share to unify."""
+    return [f"{n}:{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for n, t in model.state_dict().items()]
+
+
+def check_same_structure(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ValueError on every rank if any owner's model has other tensors, naming the first that differs.
+
+    A collective (all_gather_object).
+    """
+    mine = structure(model)
+    everyone: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    first = everyone[0] or []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        theirs = theirs or []
+        if theirs != first:
+            raise ValueError("owners' models differ: " + structure_difference(first, theirs, rank)
+                             + "; every owner must build the same architecture")  # fmt: skip
+
+
+def structure_difference(first: list[str], other: list[str], rank: int) -> str:
+    """The first tensor that differs between rank 0's structure and `rank`'s, in words."""
+    mine = {e.split(":")[0]: e for e in first}
+    theirs = {e.split(":")[0]: e for e in other}
+    for name in mine:
+        if name not in theirs:
+            return f"rank 0 has '{name}' and rank {rank} does not"
+        if mine[name] != theirs[name]:
+            _, shape0, dtype0 = mine[name].split(":")
+            _, shape1, dtype1 = theirs[name].split(":")
+            return f"'{name}' is {shape0} {dtype0} on rank 0 but {shape1} {dtype1} on rank {rank}"
+    extra = [n for n in theirs if n not in mine]
+    if extra:
+        return f"rank {rank} has '{extra[0]}' and rank 0 does not"
+    return f"rank {rank} holds the same tensors in another order"
+
+
+def same_start(model: nn.Module, group: dist.ProcessGroup | None = None, src: int = 0) -> str:
+    """Give every owner rank `src`'s weights (parameters and buffers), then prove it. A collective.
+
+    Raises ValueError, naming the layer, when the owners' models differ in structure. Returns the
+    digest of the common weights (equal on every rank).
+    """
+    check_same_structure(model, group)  # collective: a mismatch would make the broadcast itself fail
+    state = [t for t in (*model.parameters(), *model.buffers())]
+    with torch.no_grad():
+        for dtype_group in _by_dtype_device(state):
+            # one broadcast per dtype and device: flat copies, not one collective per tensor
+            buffer = torch.cat([t.detach().reshape(-1) for t in dtype_group])
+            dist.broadcast(buffer, src=_global(src, group), group=group)
+            offset = 0
+            for t in dtype_group:
+                t.copy_(buffer[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+    digest = _state_digest(model)
+    everyone: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, digest, group=group)
+    if len(set(everyone)) > 1:
+        raise RuntimeError(f"same_start: owners still differ after the broadcast (digests {everyone})")
+    return digest
+
+
+def _by_dtype_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen or t.numel() == 0:  # tied weights appear once
+            continue
+        seen.add(id(t))
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
+
+
+def _global(rank: int, group: dist.ProcessGroup | None) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _state_digest(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,128 @@
+"""Concerns around a rule, each a small object that owns its state: the Unifier composes them.
+
+A unify in update space (any option below) works on an owner's *update*, its weights minus the anchor
+(the previous unified state, identical on every rank):
+
+    owner side, before anything leaves the rank:   update = x - anchor
+        ClipUpdate      scale the update to L2 norm <= C                     (unify.update_norm_bound)
+        GaussianNoise   add N(0, (z C)^2) to every element; count releases   (unify.dp_noise_multiplier)
+    the rule's collective (on updates in delta space, else on anchor + update)
+    after, identical arithmetic on every rank:      unified update u
+        ServerMomentum  m = beta m + u; u = lr m                             (unify.server_momentum, server_lr)
+    unified = anchor + u; the anchor becomes unified (unless the unify is a side-by-side candidate)
+
+Like Flower's DP wrappers and torchft's outer optimizer, each concern is optional and independent, and
+its state travels in state_dict(), so a resumed run continues bit for bit (the noise excepted: its seed
+is secret by design).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from unify_dist.privacy import dp_epsilon
+from unify_dist.rules import clip_factor, server_step
+
+__all__ = ["OwnerStep", "UnifiedStep", "UpdateSpace", "ClipUpdate", "GaussianNoise", "ServerMomentum"]
+
+
+class OwnerStep(Protocol):
+    """Runs on this owner's update before anything leaves the rank."""
+
+    def __call__(self, update: Tensor, commit: bool) -> None: ...
+
+
+class UnifiedStep(Protocol):
+    """Runs on the round's unified update, identically on every rank."""
+
+    def __call__(self, update: Tensor, commit: bool) -> None: ...
+
+
+class UpdateSpace:
+    """The anchor: the previous unified state, from which updates are measured and to which they return.
+
+    Build it when every rank holds the same weights, so the first anchor is identical everywhere.
+    """
+
+    def __init__(self, values: Tensor):
+        self.anchor = values.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any], current: Tensor) -> None:
+        """A state without an anchor (a checkpoint of a run without these options) takes the current
+        weights: the last unified state, since checkpoints are written after unify."""
+        self.anchor.copy_(state.get("anchor", current))
+
+
+class ClipUpdate:
+    """Scale this owner's update to L2 norm `bound` if it is longer: one owner pulls at most that far."""
+
+    def __init__(self, bound: float):
+        self.bound = bound
+
+    def __call__(self, update: Tensor, commit: bool) -> None:
+        factor = clip_factor(update, self.bound)  # host sync (the norm)
+        if factor != 1.0:
+            update.mul_(factor)
+
+
+class GaussianNoise:
+    """Differential privacy: Gaussian noise of std multiplier x bound on the clipped update, and its accountant.
+
+    The noise is drawn from a secret seed (OS entropy), never shared: a peer who could regenerate it
+    could subtract it. So DP runs are not bit-reproducible across restarts; ranks still end identical,
+    because the noise is added before anything leaves the rank. Every noised update is one release;
+    `epsilon()` is the privacy spent so far (unify_dist.privacy.dp_epsilon), and the count is state.
+    """
+
+    def __init__(self, multiplier: float, bound: float, delta: float):
+        self.multiplier, self.bound, self.delta = multiplier, bound, delta
+        self.releases = 0
+        self._generator: torch.Generator | None = None  # seeded on first use
+
+    def __call__(self, update: Tensor, commit: bool) -> None:
+        if self._generator is None:
+            self._generator = torch.Generator(device=update.device)
+            self._generator.manual_seed(secrets.randbits(63))
+        noise = torch.empty_like(update).normal_(0.0, self.multiplier * self.bound, generator=self._generator)
+        update.add_(noise)
+        self.releases += 1  # a side-by-side candidate is a release too: its noised update left the rank
+
+    def epsilon(self) -> float:
+        return dp_epsilon(self.multiplier, self.releases, self.delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dp_releases": torch.tensor(self.releases)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.releases = int(state.get("dp_releases", 0))
+
+
+class ServerMomentum:
+    """Serverless FedAvgM: every rank applies the same momentum step to the round's unified update."""
+
+    def __init__(self, beta: float, lr: float, like: Tensor):
+        self.beta, self.lr = beta, lr
+        self.momentum: Tensor | None = torch.zeros_like(like) if beta > 0 else None
+
+    def __call__(self, update: Tensor, commit: bool) -> None:
+        step, momentum = server_step(update, self.momentum, self.beta, self.lr)
+        update.copy_(step)
+        if commit:  # a side-by-side candidate leaves the momentum as it was
+            self.momentum = momentum
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.momentum is None else {"momentum": self.momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.momentum is not None:
+            if "momentum" in state:
+                self.momentum.copy_(state["momentum"])
+            else:
+                self.momentum.zero_()
