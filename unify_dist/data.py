@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 from torch import Tensor
 
 from unify_dist.config import DataConfig
 from unify_dist.errors import UserError
 
-__all__ = ["Split", "OwnerData", "partition", "check_owner_count", "prepare_dataset", "load_owner_data", "TORCHVISION_SETS"]
+__all__ = ["Owner", "OwnerDatasets", "Split", "OwnerData", "partition", "check_owner_count", "prepare_dataset", "load_owner_data", "TORCHVISION_SETS"]
 
 # name -> (torchvision class, folder under root, channels, side, classes, per-channel mean, std)
 TORCHVISION_SETS = {
@@ -25,6 +26,31 @@ TORCHVISION_SETS = {
     "mnist": ("MNIST", "MNIST", 1, 28, 10, (0.1307,), (0.3081,)),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who asks for data: what a data factory (`data.factory`) receives."""
+
+    rank: int
+    """This owner's index among the owners, 0 .. world_size - 1."""
+    world_size: int
+    """How many owners take part."""
+    seed: int
+    """train.seed: derive any shuffling from it, so every restart sees the same split."""
+    name: str
+    """The owner's name (today f"owner{rank}"); paths in the factory string may use {rank} and {owner}."""
+
+
+@dataclass
+class OwnerDatasets:
+    """What a data factory returns: this owner's three datasets, each item (input tensor, class index)."""
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    classes: list[str]
+    """The class names, the same list (same order) on every owner."""
 
 
 @dataclass
