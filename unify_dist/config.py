@@ -20,7 +20,6 @@ DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
 PARTITIONS = ("iid", "label_split", "dirichlet", "folder")
-MODELS = ("paper_cnn", "mlp", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -78,14 +77,25 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "paper_cnn"
-    """paper_cnn (two conv blocks, two linear layers, as in the paper), mlp, or resnet18."""
+    """A registered model (unify_dist.models.MODELS): paper_cnn (two conv blocks, two linear layers, as in the
+    paper), mlp, resnet18, or one added with register_model."""
     hidden: int = 128
     """Width of the hidden linear layer (paper_cnn and mlp)."""
+    factory: str = ""
+    """The owner's own builder, 'module.path:function', called as fn(in_shape=..., num_classes=...) and
+    returning an nn.Module; {rank} and {owner} in it become the owner's rank and name. Set, it wins over name."""
 
     def problems(self) -> list[str]:
+        from unify_dist.models import MODELS  # late: models imports this module
+
         out = []
         if self.name not in MODELS:
-            out.append(choice("model.name", self.name, MODELS))
+            out.append(choice("model.name", self.name, tuple(MODELS)))
+        module, sep, attr = self.factory.partition(":")
+        if self.factory and not (sep and module and attr):
+            out.append(
+                f"model.factory = '{self.factory}' is not 'module.path:function'; write e.g. 'my_pkg.models:build'"
+            )
         if self.hidden <= 0:
             out.append(f"model.hidden must be > 0, got {self.hidden}")
         return out

@@ -1,60 +1,153 @@
-"""Models by name. Every owner builds the same architecture; rank 0's initial weights are broadcast."""
+"""Models by name, or the owner's own builder. Every owner builds the same architecture; rank 0's initial
+weights are broadcast (unify_dist.same_start), so a builder only has to agree on shapes, not on values.
+
+A builder is a function of keywords: `in_shape` (the shape of one input item, e.g. (1, 28, 28) or (30,)),
+`num_classes`, and `hidden` when it has a hidden width. `register_model(name)` adds one to MODELS, which
+the config validation (`model.name`) reads; `model.factory = "my_pkg.models:build"` names a builder that
+lives in the owner's own package, called as fn(in_shape=..., num_classes=...).
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from unify_dist.config import ModelConfig
+from unify_dist.errors import UserError
 
-__all__ = ["MODELS", "build_model", "PaperCNN"]
+__all__ = ["MODELS", "ModelBuilder", "register_model", "build_model", "load_factory", "PaperCNN"]
+
+ModelBuilder = Callable[..., nn.Module]
+"""fn(*, in_shape: tuple[int, ...], num_classes: int[, hidden: int]) -> nn.Module"""
+
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder under `name` (a decorator), so `model.name = name` validates and builds.
+
+    A second builder with the same name is a bug, so it raises ValueError.
+    """
+
+    def wrap(fn: ModelBuilder) -> ModelBuilder:
+        if name in MODELS:
+            raise ValueError(f"model '{name}' is registered twice; pick another name")
+        MODELS[name] = fn
+        return fn
+
+    return wrap
 
 
 class PaperCNN(nn.Module):
     """The paper's CNN: two conv+ReLU+max-pool blocks, then two linear layers (225,034 weights on 28x28)."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden: int = 128):
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, hidden: int = 128):
         super().__init__()
+        channels, height, width = in_shape
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
-        side = ((image_size - 2) // 2 - 2) // 2
+        rows, cols = (((side - 2) // 2 - 2) // 2 for side in (height, width))
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * side * side, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(64 * rows * cols, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-def _mlp(in_channels: int, num_classes: int, image_size: int, hidden: int) -> nn.Module:
+def _image_shape(model: str, in_shape: tuple[int, ...], smallest: int) -> tuple[int, int, int]:
+    """(channels, height, width), or a UserError saying which model wants images and what to use instead."""
+    if len(in_shape) != 3 or min(in_shape[1:]) < smallest:
+        raise UserError(
+            f"model.name = '{model}' needs images of at least {smallest}x{smallest} pixels (channels, height, "
+            f"width), but one input item has shape {tuple(in_shape)}; use model.name = 'mlp' or your own model.factory"
+        )
+    return in_shape[0], in_shape[1], in_shape[2]
+
+
+@register_model("paper_cnn")
+def paper_cnn(*, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Module:
+    """The paper's CNN (PaperCNN) on images."""
+    return PaperCNN(_image_shape("paper_cnn", in_shape, smallest=10), num_classes, hidden)
+
+
+@register_model("mlp")
+def mlp(*, in_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Module:
+    """Three linear layers over the flattened input: works on images and on tabular rows alike."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(),
+        nn.Linear(math.prod(in_shape), hidden), nn.ReLU(),
         nn.Linear(hidden, hidden), nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )  # fmt: skip
 
 
-def _resnet18(in_channels: int, num_classes: int, image_size: int, hidden: int) -> nn.Module:
+@register_model("resnet18")
+def resnet18(*, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """torchvision's resnet18 for small images: a 3x3 stride-1 stem and no max-pool (the CIFAR variant)."""
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18 as tv_resnet18
 
-    model = resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    channels, _, _ = _image_shape("resnet18", in_shape, smallest=1)
+    model = tv_resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
 
 
-MODELS: dict[str, Callable[[int, int, int, int], nn.Module]] = {
-    "paper_cnn": lambda c, k, s, h: PaperCNN(c, k, s, h),
-    "mlp": _mlp,
-    "resnet18": _resnet18,
-}
+def build_model(
+    cfg: ModelConfig,
+    in_shape: tuple[int, ...] | int,
+    num_classes: int,
+    image_size: int | None = None,
+    *,
+    rank: int = 0,
+) -> nn.Module:
+    """This owner's model: `cfg.factory` when set (with {rank}/{owner} filled in), else MODELS[cfg.name].
+
+    The older call build_model(cfg, in_channels, num_classes, image_size) still means square images.
+    """
+    if isinstance(in_shape, int):
+        if image_size is None:
+            raise ValueError("build_model: give in_shape as a tuple, or in_channels together with image_size")
+        in_shape = (in_shape, image_size, image_size)
+    shape = tuple(int(s) for s in in_shape)
+    if cfg.factory:
+        return _checked(cfg.factory, load_factory("model.factory", cfg.factory, rank)(in_shape=shape, num_classes=num_classes))
+    builder = MODELS[cfg.name]
+    if "hidden" in inspect.signature(builder).parameters:
+        return builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)
+    return builder(in_shape=shape, num_classes=num_classes)
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return MODELS[cfg.name](in_channels, num_classes, image_size, cfg.hidden)
+def load_factory(key: str, value: str, rank: int) -> Callable[..., object]:
+    """Import 'module.path:function' ({rank} and {owner} replaced) and return the function, or a UserError."""
+    path = value.replace("{rank}", str(rank)).replace("{owner}", f"owner{rank}")
+    module_name, _, attr = path.partition(":")
+    fix = "install the package that holds it (pip install -e ...) or fix the value, written 'module.path:function'"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{key} = '{value}': cannot import module '{module_name}' ({e}); {fix}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"{key} = '{value}': module '{module_name}' has no '{attr}'; {fix}")
+    if not callable(fn):
+        raise UserError(f"{key} = '{value}': '{attr}' in '{module_name}' is not a function; {fix}")
+    return fn
+
+
+def _checked(value: str, model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model.factory = '{value}' returned {type(model).__name__}, not a torch.nn.Module; return the model"
+        )
+    return model

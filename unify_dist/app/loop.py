@@ -49,7 +49,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
     data = load_data(cfg, ctx)
-    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(ctx.device)
+    in_shape = (data.in_channels, data.image_size, data.image_size)
+    model = build_model(cfg.model, in_shape, data.num_classes, rank=ctx.rank).to(ctx.device)
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
     with stage("broadcast initial weights", ctx):
