@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, get_type_hints
 from unify_dist.config import DataConfig, DistConfig, ModelConfig, TrainConfig, UnifyConfig
 from unify_dist.errors import UserError
 
-__all__ = ["OutputConfig", "RunConfig", "load_config", "parse_overrides", "build_section"]
+__all__ = ["OutputConfig", "RunConfig", "load_config", "parse_overrides", "build_section", "import_modules"]
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -47,6 +48,9 @@ class RunConfig:
     unify: UnifyConfig = field(default_factory=UnifyConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    imports: list[str] = field(default_factory=list)
+    """Modules imported before the config is validated, e.g. ["my_pkg.rules"]: they can register rules and
+    models (unify_dist.register_rule, register_model) that the rest of the config then names."""
 
     def problems(self) -> list[str]:
         out = []
@@ -122,6 +126,20 @@ def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def import_modules(names: list[str]) -> None:
+    """Import each module of `imports` (once per process: Python caches them); a failure is one UserError."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(
+                f"imports: cannot import module '{name}' ({e}); install its package or run from the folder "
+                "that holds it, or remove it from imports"
+            ) from None
+        except Exception as e:  # the module's own code failed, e.g. registering a rule name twice
+            raise UserError(f"imports: module '{name}' failed while importing ({type(e).__name__}: {e}); fix it") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML file (or defaults when path is None), apply --set overrides, validate everything.
 
@@ -138,6 +156,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file '{p}' is not valid TOML ({e}); fix the syntax and run again") from None
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = build_section(RunConfig, raw, "")
+    import_modules(cfg.imports)  # before validation: they may register the rule or model the config names
     problems = cfg.problems()
     if problems:
         raise UserError("; ".join(problems))
