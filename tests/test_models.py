@@ -72,7 +72,8 @@ def test_register_model_refuses_duplicates_and_config_reads_the_registry():
 
 @pytest.fixture
 def owner_modules(tmp_path: Path, monkeypatch):
-    """Two importable owner packages, owner0_models and owner1_models, differing in their hidden width."""
+    """Two importable owner modules, owner0_models and owner1_models, differing in their hidden width, and
+    raising_models, which fails on import."""
     for rank, width in ((0, 8), (1, 12)):
         (tmp_path / f"owner{rank}_models.py").write_text(textwrap.dedent(f"""
             from torch import nn
@@ -83,10 +84,11 @@ def owner_modules(tmp_path: Path, monkeypatch):
             not_a_model = lambda in_shape, num_classes: "a string"
             WIDTH = {width}
         """))
+    (tmp_path / "raising_models.py").write_text('raise RuntimeError("needs a GPU\\nand a second line")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for rank in (0, 1):
-        sys.modules.pop(f"owner{rank}_models", None)
+    for name in ("owner0_models", "owner1_models", "raising_models"):
+        sys.modules.pop(name, None)
 
 
 def test_factory_builds_the_owners_model_with_placeholders(owner_modules):
@@ -98,7 +100,8 @@ def test_factory_builds_the_owners_model_with_placeholders(owner_modules):
 
 def test_factory_errors_name_the_value_and_the_fix(owner_modules):
     cases = {
-        "no_such_pkg.models:build": "cannot import module 'no_such_pkg.models'",
+        "no_such_pkg.models:build": "cannot import module 'no_such_pkg.models' (ModuleNotFoundError",
+        "raising_models:build": "cannot import module 'raising_models' (RuntimeError: needs a GPU);",
         "owner0_models:nope": "module 'owner0_models' has no 'nope'",
         "owner0_models:WIDTH": "'WIDTH' in 'owner0_models' is not a function",
     }
@@ -110,6 +113,8 @@ def test_factory_errors_name_the_value_and_the_fix(owner_modules):
         assert "\n" not in message
     with pytest.raises(UserError, match="returned str, not a torch.nn.Module"):
         build_model(ModelConfig(factory="owner0_models:not_a_model"), (5,), 3)
+    with pytest.raises(UserError, match=r"failed on owner 1 for in_shape \(\), num_classes 3 \(IndexError: .*\); fix"):
+        build_model(ModelConfig(factory="owner1_models:build"), (), 3, rank=1)  # the builder reads in_shape[0]
     assert load_factory("data.factory", "owner1_models:build", rank=0)((2,), 2)[0].out_features == 12
 
 
@@ -129,6 +134,6 @@ def test_bad_factory_through_the_cli_is_one_line_and_exit_2(data_root, tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [
         "unify-dist: error: model.factory = 'no_such_pkg.models:build': cannot import module 'no_such_pkg.models' "
-        "(No module named 'no_such_pkg'); install the package that holds it (pip install -e ...) or fix the value, "
-        "written 'module.path:function'"
+        "(ModuleNotFoundError: No module named 'no_such_pkg'); install the package that holds it (or put its folder "
+        "on PYTHONPATH) and write 'module.path:function'"
     ]

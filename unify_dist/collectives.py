@@ -73,6 +73,9 @@ class Collective:
         self.absmax_reduce = absmax_impl == "reduce" and flat.buffer.dtype in KEY_DTYPES
         self._scratch: Tensor | None = None  # absmax's key-transform scratch, made on first use
         self._secure: SecureSum | None = None  # masked_sum's pair secrets: exchanged on first use
+        # None: gloo's collectives. Else an object with all_reduce(tensor, op) and all_gather(out, tensor)
+        # (SUM / MAX), e.g. unify_dist.trust.SealedRing, which every reduction and gather here goes through.
+        self.reducer = None
         # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
         self._ints_in_tail = flat.ints.numel() > 0 and flat.tail.numel() >= tail_size(self.world) + 2 * flat.ints.numel() * self.world
 
@@ -99,8 +102,21 @@ class Collective:
         else:
             flags = self._gather(combine, weight, sick)
         if self.flat.ints.numel() and not (self._ints_in_tail and path != "gather"):
-            dist.all_reduce(self.flat.ints, dist.ReduceOp.MAX, group=self.group)  # counters: the furthest owner
+            self._all_reduce(self.flat.ints, dist.ReduceOp.MAX)  # counters: the furthest owner
         return flags
+
+    def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp) -> None:
+        """The collective every reduction here runs: gloo's (the default), or the reducer's."""
+        if self.reducer is None:
+            dist.all_reduce(tensor, op, group=self.group)
+        else:
+            self.reducer.all_reduce(tensor, op)
+
+    def _all_gather(self, out: list[Tensor], tensor: Tensor) -> None:
+        if self.reducer is None:
+            dist.all_gather(out, tensor, group=self.group)
+        else:
+            self.reducer.all_gather(out, tensor)
 
     def find_nonfinite(self) -> str | None:
         """The name of a tensor of this owner's state holding NaN/Inf, '?' if only the sum overflowed, else None."""
@@ -144,7 +160,7 @@ class Collective:
             if weight != 1.0:
                 values.mul_(weight)
             tail[self.world] = weight
-        dist.all_reduce(self.flat.buffer, dist.ReduceOp.SUM, group=self.group)
+        self._all_reduce(self.flat.buffer, dist.ReduceOp.SUM)
         flags = tail[: self.world + 1].tolist()  # host sync: the divisor is the healthy owners' total weight
         # times the reciprocal: twice as fast as a division here, within one rounding of it (exact for 2, 4, ...
         # owners), and every rank does the same arithmetic, so the weights stay bit-identical
@@ -161,7 +177,7 @@ class Collective:
         the other owners' masks cancel.
         """
         if self._secure is None:
-            self._secure = SecureSum(self.group)  # pair secrets: point-to-point, once per process
+            self._secure = SecureSum(self.group, reducer=self.reducer)  # pair secrets: sent, or from the reducer
         values, tail = self.flat.values, self.flat.tail
         self._reset_tail(tail, sick)
         if not sick:
@@ -175,7 +191,7 @@ class Collective:
         self._reset_tail(tail, sick, neutral=float("-inf"))
         if sick:
             values.fill_(float("-inf"))
-        dist.all_reduce(self.flat.buffer, dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(self.flat.buffer, dist.ReduceOp.MAX)
         self._unpack_ints(tail)
         return tail[: self.world].tolist()
 
@@ -196,7 +212,7 @@ class Collective:
             size = min(key_chunk(keys.device), keys.numel())
             self._scratch = torch.empty(size, dtype=keys.dtype, device=keys.device)
         in_chunks(absmax_keys_, keys, self._scratch)
-        dist.all_reduce(keys, dist.ReduceOp.MAX, group=self.group)
+        self._all_reduce(keys, dist.ReduceOp.MAX)
         in_chunks(absmax_unkeys_, keys, self._scratch)
         self._unpack_ints(tail)
         return tail[: self.world].tolist()
@@ -206,7 +222,7 @@ class Collective:
         n, chunk = values.numel(), min(self.chunk_elements, max(values.numel(), 1))
         info = torch.tensor([1.0 if sick else 0.0, weight], dtype=torch.float64, device=values.device)
         infos = [torch.empty_like(info) for _ in range(self.world)]
-        dist.all_gather(infos, info, group=self.group)
+        self._all_gather(infos, info)
         flags = [float(i[0]) for i in infos]
         healthy = [r for r in range(self.world) if not flags[r]]
         if not healthy:
@@ -216,7 +232,7 @@ class Collective:
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             parts = [rows[r, : end - start] for r in range(self.world)]
-            dist.all_gather(parts, values[start:end], group=self.group)
+            self._all_gather(parts, values[start:end])
             stacked = rows[:, : end - start] if len(healthy) == self.world else rows[healthy, : end - start]
             values[start:end] = fn(stacked, weights)
         return flags
@@ -230,10 +246,11 @@ def in_chunks(step, keys: Tensor, scratch: Tensor) -> None:
         step(piece, scratch[: piece.numel()])
 
 
-def verify_identical(flat: FlatState, group: dist.ProcessGroup | None = None) -> list[str]:
+def verify_identical(flat: FlatState, group: dist.ProcessGroup | None = None, reducer=None) -> list[str]:
     """Digest this rank's state, gather every rank's digest, raise DivergenceError naming the odd ranks.
 
-    Returns every rank's digest (all equal), for the record. A collective: every rank calls it.
+    Returns every rank's digest (all equal), for the record. A collective: every rank calls it; through
+    `reducer` (a Collective's, e.g. a SealedRing) when given.
     """
     digest = flat.digest()
     value = int(digest, 16)
@@ -242,7 +259,10 @@ def verify_identical(flat: FlatState, group: dist.ProcessGroup | None = None) ->
         mine = mine.to(flat.values.device)  # NCCL gathers device tensors only
     world = dist.get_world_size(group)
     out = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(out, mine, group=group)
+    if reducer is None:
+        dist.all_gather(out, mine, group=group)
+    else:
+        reducer.all_gather(out, mine)
     digests = [f"{int(t) & ((1 << 64) - 1):016x}" for t in out]
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:

@@ -119,7 +119,7 @@ def build_model(
         in_shape = (in_shape, image_size, image_size)
     shape = tuple(int(s) for s in in_shape)
     if cfg.factory:
-        return _checked(cfg.factory, load_factory("model.factory", cfg.factory, rank)(in_shape=shape, num_classes=num_classes))
+        return _from_factory(cfg.factory, shape, num_classes, rank)
     builder = MODELS[cfg.name]
     if "hidden" in inspect.signature(builder).parameters:
         return builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)
@@ -130,11 +130,12 @@ def load_factory(key: str, value: str, rank: int) -> Callable[..., object]:
     """Import 'module.path:function' ({rank} and {owner} replaced) and return the function, or a UserError."""
     path = value.replace("{rank}", str(rank)).replace("{owner}", f"owner{rank}")
     module_name, _, attr = path.partition(":")
-    fix = "install the package that holds it (pip install -e ...) or fix the value, written 'module.path:function'"
+    fix = "install the package that holds it (or put its folder on PYTHONPATH) and write 'module.path:function'"
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"{key} = '{value}': cannot import module '{module_name}' ({e}); {fix}") from None
+    except Exception as e:  # ModuleNotFoundError, or whatever the module raises while importing
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise UserError(f"{key} = '{value}': cannot import module '{module_name}' ({why}); {fix}") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -145,9 +146,23 @@ def load_factory(key: str, value: str, rank: int) -> Callable[..., object]:
     return fn
 
 
-def _checked(value: str, model: object) -> nn.Module:
+def _from_factory(value: str, in_shape: tuple[int, ...], num_classes: int, rank: int) -> nn.Module:
+    """Call the owner's builder; its own failure becomes one line naming the owner and what it was asked for."""
+    fn = load_factory("model.factory", value, rank)
+    try:
+        model = fn(in_shape=in_shape, num_classes=num_classes)
+    except Exception as e:
+        raise UserError(
+            f"model.factory = '{value}' failed on owner {rank} for in_shape {in_shape}, num_classes {num_classes} "
+            f"({type(e).__name__}: {_first_line(e)}); fix the builder"
+        ) from None
     if not isinstance(model, nn.Module):
         raise UserError(
             f"model.factory = '{value}' returned {type(model).__name__}, not a torch.nn.Module; return the model"
         )
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else "no message"

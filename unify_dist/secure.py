@@ -91,10 +91,13 @@ class SecureSum:
     every process, so a restarted run starts its counter at 0 safely.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None = None, reducer=None):
+        self.group, self.reducer = group, reducer
         self.rank = dist.get_rank(group)
-        self.secrets = exchange_pair_secrets(group)  # collective (sends and receives)
+        if reducer is not None:  # trust on: secrets from admission's key agreement, never sent
+            self.secrets = dict(reducer.pair_secrets)
+        else:
+            self.secrets = exchange_pair_secrets(group)  # collective (sends and receives)
         self.calls = 0
 
     def mean_(self, values: Tensor, tail: Tensor, sick: bool) -> None:
@@ -105,7 +108,10 @@ class SecureSum:
         self.calls += 1
         # masks are made on the CPU (numpy's Philox); NCCL needs the buffer on the GPU
         buffer = torch.cat([sent, tail.round().to(torch.int64).cpu()]).to(values.device)
-        dist.all_reduce(buffer, dist.ReduceOp.SUM, group=self.group)  # only masked values travel
+        if self.reducer is None:
+            dist.all_reduce(buffer, dist.ReduceOp.SUM, group=self.group)  # only masked values travel
+        else:
+            self.reducer.all_reduce(buffer, dist.ReduceOp.SUM)  # masked, and sealed on the wire
         n, world = values.numel(), dist.get_world_size(self.group)
         tail.copy_(buffer[n:].to(tail.dtype))
         total = float(tail[world])  # host sync: the healthy owners' count

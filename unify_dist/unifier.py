@@ -174,7 +174,7 @@ class Unifier:
         if self.space is not None:
             self._unified_side(values, delta, commit)  # 4.
         seconds = time.perf_counter() - t0
-        digests = verify_identical(self.flat, self.group) if verify else None  # 5. collective
+        digests = verify_identical(self.flat, self.group, self.core.reducer) if verify else None  # 5. collective
         noise = next((s for s in self.owner_steps if isinstance(s, GaussianNoise)), None)
         return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, noise.epsilon() if noise else None)
 
