@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unify_dist.config import DataConfig
-from unify_dist.data import load_owner_data, partition, prepare_dataset
+from unify_dist.data import Owner, load_owner_data, partition, prepare_dataset
 from unify_dist.errors import UserError
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=5000)
@@ -46,7 +46,7 @@ def test_iid_differs_by_seed_and_dirichlet_skews() -> None:
 def test_real_owner_shares(data_root) -> None:
     cfg = DataConfig(partition="label_split", train_per_owner=500, test_size=1000)
     prepare_dataset(cfg)
-    owners = [load_owner_data(cfg, seed=0, rank=r, world=2, device=torch.device("cpu")) for r in range(2)]
+    owners = [load_owner_data(cfg, Owner(r, 2, 0, f"owner{r}"), torch.device("cpu")) for r in range(2)]
     assert set(owners[0].train.y.tolist()) <= {0, 1, 2, 3, 4} and set(owners[1].train.y.tolist()) <= {5, 6, 7, 8, 9}
     assert len(owners[0].train) == 500 and owners[0].train.x.shape[1:] == (1, 28, 28)
     assert len(owners[0].test) + len(owners[1].test) == 1000  # test shards cover the test subset

@@ -18,21 +18,21 @@ __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfi
 DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 """Environment variable that overrides `data.root`, so tests and CI can point every run at one copy."""
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
-PARTITIONS = ("iid", "label_split", "dirichlet", "folder")
 OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion_mnist"
-    """fashion_mnist, mnist, cifar10 (torchvision), or folder (each owner brings an ImageFolder tree)."""
+    """A registered dataset (unify_dist.data.DATASETS): fashion_mnist, mnist, cifar10 (torchvision), or
+    folder (each owner brings an ImageFolder tree). Ignored when data.factory is set."""
     root: str = "data"
     """Where torchvision datasets live (ROOT/FashionMNIST/raw/...). The UNIFY_DIST_DATA_ROOT variable wins."""
     download: bool = True
     """Download missing files when online; offline, a missing dataset is a clear error."""
     partition: str = "iid"
-    """How owners get their share: iid (paper V), label_split (paper H), dirichlet, folder."""
+    """A registered partition (unify_dist.data.PARTITIONS), how owners get their share of a shared dataset:
+    iid (paper V), label_split (paper H), dirichlet; folder for owner-held data. Ignored with data.factory."""
     alpha: float = 0.5
     """Dirichlet concentration for partition = dirichlet; small alpha means skewed owners."""
     train_per_owner: int = 0
@@ -47,17 +47,17 @@ class DataConfig:
     """For dataset = folder: images are resized to image_size x image_size."""
     channels: int = 1
     """For dataset = folder: 1 (grayscale) or 3 (RGB)."""
+    factory: str = ""
+    """The owner's own data, 'module.path:function' ({rank} and {owner} replaced first, so paths may differ
+    per owner), called as fn(owner: unify_dist.data.Owner) -> unify_dist.data.OwnerDatasets. Any modality:
+    items are (input tensor, class index). Set, data.dataset and data.partition are ignored."""
+    workers: int = 0
+    """DataLoader worker processes per owner for streamed datasets (a factory's non-tensor datasets)."""
+    pin_memory: bool = True
+    """Pin streamed batches in host memory for faster copies to a GPU (no effect when training on CPU)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.dataset not in DATASETS:
-            out.append(choice("data.dataset", self.dataset, DATASETS))
-        if self.partition not in PARTITIONS:
-            out.append(choice("data.partition", self.partition, PARTITIONS))
-        if (self.dataset == "folder") != (self.partition == "folder"):
-            out.append("data.dataset = 'folder' and data.partition = 'folder' go together: set both or neither")
-        if self.dataset == "folder" and not self.folder:
-            out.append("data.folder is empty: give each owner's image folder, e.g. 'owners/{rank}'")
+        out = self._source_problems()
         if self.alpha <= 0:
             out.append(f"data.alpha must be > 0, got {self.alpha}")
         if self.train_per_owner < 0 or self.test_size < 0:
@@ -69,6 +69,31 @@ class DataConfig:
         if self.image_size < 8:
             out.append(f"data.image_size must be >= 8, got {self.image_size}")
         return out
+
+    def _source_problems(self) -> list[str]:
+        """Where the data comes from: a factory string, or a registered dataset with a partition that fits it."""
+        from unify_dist.data import DATASETS, PARTITIONS  # late: data imports this module
+
+        out = [] if self.workers >= 0 else [f"data.workers must be >= 0 (0: load in the training process), got {self.workers}"]
+        if self.factory:
+            module, sep, attr = self.factory.partition(":")
+            if not (sep and module and attr):
+                out.append(f"data.factory = '{self.factory}' is not 'module.path:function'; write e.g. 'my_pkg.data:owner_data'")
+            return out
+        if self.dataset not in DATASETS:
+            out.append(choice("data.dataset", self.dataset, tuple(DATASETS)))
+        if self.partition not in PARTITIONS:
+            out.append(choice("data.partition", self.partition, tuple(PARTITIONS)))
+        if out:
+            return out
+        dataset, scheme = DATASETS[self.dataset], PARTITIONS[self.partition]
+        if dataset.owner_held != scheme.owner_held:
+            held = [n for n, p in PARTITIONS.items() if p.owner_held]
+            shared = [n for n, p in PARTITIONS.items() if not p.owner_held]
+            takes = held if dataset.owner_held else shared
+            out.append(f"data.dataset = '{self.dataset}' and data.partition = '{self.partition}' do not go together: "
+                       f"'{self.dataset}' takes partition {' or '.join(repr(t) for t in takes)}")  # fmt: skip
+        return out + (dataset.problems(self) if dataset.problems else [])
 
     def resolved_root(self) -> Path:
         return Path(os.environ.get(DATA_ROOT_ENV) or self.root).expanduser()

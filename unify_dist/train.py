@@ -1,7 +1,8 @@
-"""One owner's local work: epochs over in-memory tensors, and counting correct answers.
+"""One owner's local work: epochs over its data, and counting correct answers.
 
 Data order is a pure function of (seed, round, owner, epoch), so a resumed run replays exactly what an
-uninterrupted run would have done.
+uninterrupted run would have done. The same code runs over in-memory tensors (Split: batches are slices)
+and streamed datasets (Stream: batches come from a DataLoader in the same seeded order).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unify_dist.config import TrainConfig
-from unify_dist.data import Split
+from unify_dist.data import Split, Stream
 
 __all__ = ["make_optimizer", "round_lr", "set_lr", "absent_class_scale", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
 
@@ -55,7 +56,7 @@ def epoch_generator(seed: int, round_: int, owner: int, epoch: int) -> torch.Gen
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: Split,
+    data: Split | Stream,
     batch_size: int,
     generator: torch.Generator,
     on_batch: Callable[[], None] | None = None,
@@ -66,20 +67,20 @@ def train_epoch(
 ) -> float:
     """One pass over `data` in a seeded order; returns the mean training loss.
 
-    extra_loss is added to every batch's loss (FedProx); on_grads runs after backward, before the step;
-    max_steps > 0 stops after that many batches (the seeded order's first max_steps batches);
-    logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS).
+    The order is torch.randperm(len(data), generator) on both paths, so a Split and a Stream of the same
+    items train identically. extra_loss is added to every batch's loss (FedProx); on_grads runs after
+    backward, before the step; max_steps > 0 stops after that many batches (the seeded order's first
+    max_steps batches); logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS).
     """
     model.train()
-    order = torch.randperm(len(data), generator=generator).to(data.x.device)
-    total = torch.zeros((), device=data.x.device)
+    order = torch.randperm(len(data), generator=generator)
     end = min(len(data), max_steps * batch_size) if max_steps else len(data)
-    for start in range(0, end, batch_size):
-        idx = order[start : start + batch_size]
-        logits = model(data.x[idx])
+    total = torch.zeros((), device=data.device)
+    for x, y in data.batches(order[:end], batch_size, generator):
+        logits = model(x)
         if logit_scale is not None:
             logits = logits * logit_scale
-        loss = F.cross_entropy(logits, data.y[idx])
+        loss = F.cross_entropy(logits, y)
         if extra_loss is not None:
             loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
@@ -87,30 +88,35 @@ def train_epoch(
         if on_grads is not None:
             on_grads()  # e.g. SCAFFOLD's drift correction, between backward and step
         optimizer.step()
-        total += loss.detach() * len(idx)  # stays on device: no sync per batch
+        total += loss.detach() * len(y)  # stays on device: no sync per batch
         if on_batch is not None:
             on_batch()
     return float(total) / max(end, 1)  # one host sync per epoch
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, data: Split, batch_size: int = 2048) -> Tensor:
+def _predictions(model: nn.Module, data: Split | Stream, batch_size: int = 2048) -> tuple[Tensor, Tensor]:
+    """(predicted class, true class) of every item, in stored order."""
     model.eval()
-    return torch.cat([model(data.x[s : s + batch_size]).argmax(1) for s in range(0, len(data), batch_size)])
+    size = min(batch_size, data.eval_batch_size) if isinstance(data, Stream) else batch_size  # items may be large
+    pairs = [(model(x).argmax(1), y) for x, y in data.batches(None, size)]
+    return torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
-def count_correct(model: nn.Module, data: Split) -> tuple[int, int]:
+def count_correct(model: nn.Module, data: Split | Stream) -> tuple[int, int]:
     """(correct, total) of `model` on `data`: counts, so owners can sum them with all_reduce."""
     if len(data) == 0:
         return 0, 0
-    return int((_predictions(model, data) == data.y).sum()), len(data)
+    pred, y = _predictions(model, data)
+    return int((pred == y).sum()), len(data)
 
 
-def per_class_correct(model: nn.Module, data: Split, num_classes: int) -> tuple[list[int], list[int]]:
+def per_class_correct(model: nn.Module, data: Split | Stream, num_classes: int) -> tuple[list[int], list[int]]:
     """Per-class (correct, total) counts of `model` on `data`."""
     if len(data) == 0:
         return [0] * num_classes, [0] * num_classes
-    hit = (_predictions(model, data) == data.y).long()
-    correct = torch.bincount(data.y, weights=hit.double(), minlength=num_classes).long()
-    total = torch.bincount(data.y, minlength=num_classes)
+    pred, y = _predictions(model, data)
+    hit = (pred == y).long()
+    correct = torch.bincount(y, weights=hit.double(), minlength=num_classes).long()
+    total = torch.bincount(y, minlength=num_classes)
     return correct.tolist(), total.tolist()

@@ -24,7 +24,7 @@ from unify_dist.app.config import RunConfig
 from unify_dist.app.consistency import check_consistency, fingerprint
 from unify_dist.app.console import Reporter
 from unify_dist.app.state import TrainState
-from unify_dist.data import OwnerData, check_owner_count, load_owner_data, prepare_dataset
+from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data, prepare_dataset
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
@@ -129,7 +129,8 @@ def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
         agree(error, ctx, "preparing the dataset")
     data, error = None, None
     try:
-        data = load_owner_data(cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, ctx.device)
+        owner = Owner(ctx.rank, ctx.world_size, cfg.train.seed, f"owner{ctx.rank}")
+        data = load_owner_data(cfg.data, owner, ctx.device)  # folder: a collective agrees on the class list
     except UserError as e:
         error = str(e)
     with stage("dataset loading", ctx):
@@ -150,7 +151,8 @@ def _train_locally(cfg: RunConfig, ctx: Context, state: TrainState, data: OwnerD
     if scaffold is not None:
         scaffold.begin_round()
     on_grads = scaffold.correct_grads if scaffold is not None else None
-    logit_scale = absent_class_scale(data.train.y, data.num_classes, cfg.train.absent_class_scale)  # FedRS
+    scale = cfg.train.absent_class_scale  # FedRS; a stream's labels are read once, and only when it is on
+    logit_scale = absent_class_scale(data.train.labels(), data.num_classes, scale) if scale != 1 else None
     with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
         for epoch in range(epochs):
             g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
