@@ -274,6 +274,8 @@ class DistConfig:
 
 
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    hint = difflib.get_close_matches(str(value), allowed, n=1)
+    """'KEY = VALUE is not known', with the closest allowed name (case ignored: AVG suggests avg)."""
+    lower = {a.lower(): a for a in allowed}
+    hint = [lower[h] for h in difflib.get_close_matches(str(value).lower(), lower, n=1)]
     also = f" (did you mean '{hint[0]}'?)" if hint else ""
     return f"{key} = '{value}' is not known{also}; choose one of: {', '.join(allowed)}"

@@ -148,10 +148,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file '{p}' is a directory; pass a TOML file, e.g. configs/demo_cpu.toml")
         if not p.is_file():
             raise UserError(f"config file '{p}' does not exist; pass an existing file, e.g. configs/demo_cpu.toml")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # -sig: editors on Windows start files with a BOM
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file '{p}' is not valid TOML ({e}); fix the syntax and run again") from None
     raw = _merge(raw, parse_overrides(overrides or []))

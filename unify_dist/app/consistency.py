@@ -10,15 +10,18 @@ from torch import nn
 from unify_dist import __version__
 from unify_dist.app.config import RunConfig
 from unify_dist.errors import UserError
+from unify_dist.unifier import structure, structure_difference
 
-__all__ = ["fingerprint", "check_consistency"]
+__all__ = ["fingerprint", "check_consistency", "difference"]
+
+ARCHITECTURE = "model architecture"
 
 
 def fingerprint(cfg: RunConfig, model: nn.Module, classes: list[str]) -> dict[str, Any]:
     """Everything two owners must share for unify to mean anything."""
     return {
         "package version": __version__,
-        "model architecture": [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()],
+        ARCHITECTURE: structure(model),
         "unify.rule": cfg.unify.rule,
         "unify.compare": list(cfg.unify.compare),
         "train.max_rounds": cfg.train.max_rounds,
@@ -42,12 +45,33 @@ def check_consistency(mine: dict[str, Any], world_size: int) -> None:
         values = [fp[key] for fp in everyone]  # type: ignore[index]
         odd = [r for r, v in enumerate(values) if v != values[0]]
         if odd:
-            shown = values[odd[0]]
-            if isinstance(shown, list) and len(shown) > 4:
-                shown = f"a different list of {len(shown)} entries"
-            problems.append(f"'{key}' differs: rank 0 has {_short(values[0])}, rank(s) {odd} have {_short(shown)}")
+            problems.append(f"'{key}' differs: {difference(key, values[0], values[odd[0]], odd)}")
     if problems:
         raise UserError("owners disagree before training: " + "; ".join(problems) + "; give every owner the same setting")
+
+
+def difference(key: str, first: Any, other: Any, odd: list[int]) -> str:
+    """Rank 0's value against the first differing rank's, in words; for long lists, only what differs.
+
+    Ten class names that differ in one folder are named by that folder ('T-shirt_top' against 'tshirt'),
+    an architecture by its first differing layer, so the user sees what to fix without diffing by hand.
+    """
+    if key == ARCHITECTURE:
+        return structure_difference(first, other, odd[0]) + f" (rank(s) {odd} differ from rank 0)"
+    plain = f"rank 0 has {_short(first)}, rank(s) {odd} have {_short(other)}"
+    if not (isinstance(first, list) and isinstance(other, list)) or len(plain) <= 160:
+        return plain
+    only_first = [x for x in first if x not in other]
+    only_other = [x for x in other if x not in first]
+    if not (only_first or only_other):
+        return f"rank 0 and rank(s) {odd} list the same {len(first)} entries in another order"
+    return (f"rank 0 lists {len(first)} entries, rank(s) {odd} {len(other)}; only rank 0 has {_few(only_first)}, "
+            f"only rank {odd[0]} has {_few(only_other)}")  # fmt: skip
+
+
+def _few(items: list[Any]) -> str:
+    shown = ", ".join(_short(x) for x in items[:3])
+    return f"[{shown}{f', and {len(items) - 3} more' if len(items) > 3 else ''}]"
 
 
 def _short(value: Any) -> str:
