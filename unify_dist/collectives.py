@@ -152,16 +152,36 @@ class Collective:
         self.flat.ints.copy_((rows[:, 0] * (1 << 24) + rows[:, 1]).amax(0))
 
     def _sum(self, weight: float, sick: bool) -> list[float]:
+        """Weighted mean over healthy owners: one all_reduce SUM of (weight * values, flags, weight).
+
+        Raises ValueError on every rank (the verdict rides in the same collective, so no owner is left
+        waiting) when an owner's weight is negative or not finite, or when the healthy owners' weights
+        sum to 0: the mean is undefined, and dividing by nothing would hand every owner an all-zero
+        model. The values then hold the raw sum; the caller must not use them.
+        """
         values, tail = self.flat.values, self.flat.tail
-        self._reset_tail(tail, sick)
-        if sick:
+        bad_weight = not sick and not 0 <= weight < float("inf")  # NaN fails both comparisons
+        self._reset_tail(tail, sick or bad_weight)
+        if sick or bad_weight:
             values.zero_()
+            tail[self.rank] = 2.0 if bad_weight else 1.0  # flag 2: a misused weight, not a sick owner
         else:
             if weight != 1.0:
                 values.mul_(weight)
             tail[self.world] = weight
         self._all_reduce(self.flat.buffer, dist.ReduceOp.SUM)
         flags = tail[: self.world + 1].tolist()  # host sync: the divisor is the healthy owners' total weight
+        misused = [r for r in range(self.world) if flags[r] == 2.0]
+        if misused:
+            raise ValueError(
+                f"owner(s) {misused} passed a negative or non-finite unify weight; a weight counts an owner's "
+                "samples: pass a finite number >= 0, e.g. len(its training data)"
+            )
+        if flags[self.world] == 0 and any(flags[r] == 0 for r in range(self.world)):
+            raise ValueError(
+                "the healthy owners' unify weights sum to 0, so their weighted mean is undefined; give at "
+                "least one owner a weight > 0 (its training sample count), or use an unweighted rule such as avg"
+            )
         # times the reciprocal: twice as fast as a division here, within one rounding of it (exact for 2, 4, ...
         # owners), and every rank does the same arithmetic, so the weights stay bit-identical
         if flags[self.world] > 0:  # 0: every owner is sick, and the Unifier raises
