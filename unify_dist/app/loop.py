@@ -49,8 +49,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
     data = load_data(cfg, ctx)
-    in_shape = (data.in_channels, data.image_size, data.image_size)
-    model = build_model(cfg.model, in_shape, data.num_classes, rank=ctx.rank).to(ctx.device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank).to(ctx.device)
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
     with stage("broadcast initial weights", ctx):
