@@ -72,7 +72,18 @@ class Owner:
     seed: int
     """train.seed: derive any shuffling from it, so every restart sees the same split."""
     name: str
-    """The owner's name (today f"owner{rank}"); paths in the factory string may use {rank} and {owner}."""
+    """The owner's name (UNIFY_DIST_OWNER; rank{R} when owners are not named); paths in the factory string may
+    use {rank} and {owner}."""
+    index: int = -1
+    """This owner's place in the agreed list of owner names (train.owners): stable across elastic restarts,
+    unlike rank. -1: the rank."""
+    count: int = 0
+    """How many owners that list holds (0: world_size). Built-in partitions cut count shares, take share index."""
+
+    @property
+    def share(self) -> tuple[int, int]:
+        """(which share, of how many): the built-in partitions' cut, by name when owners are named."""
+        return (self.index if self.index >= 0 else self.rank, self.count or self.world_size)
 
 
 @dataclass
@@ -430,8 +441,9 @@ def _load_torchvision(name: str, cfg: DataConfig, owner: Owner, device: torch.de
     """This owner's partition share of a torchvision set, and its shard of the test set, as tensors on `device`."""
     _, _, _, _, n_classes, mean, std = TORCHVISION_SETS[name]
     x, y = _read_torchvision(cfg, train=True)
-    shares = partition(y.numpy(), cfg.partition, owner.world_size, owner.seed, cfg.alpha, n_classes)
-    train_idx, val_idx = _own_share(shares[owner.rank], cfg, owner.seed + 1000 + owner.rank)
+    index, count = owner.share
+    shares = partition(y.numpy(), cfg.partition, count, owner.seed, cfg.alpha, n_classes)
+    train_idx, val_idx = _own_share(shares[index], cfg, owner.seed + 1000 + index)
     tx, ty = _read_torchvision(cfg, train=False)
     test_idx = np.random.default_rng(owner.seed).permutation(len(ty))[: cfg.test_size or len(ty)]
     test_idx = np.sort(test_idx[owner.rank :: owner.world_size])  # shards: disjoint, together the whole test set
@@ -492,19 +504,17 @@ def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: dis
     names (one collective), and each owner's labels index into that union. A class this owner lacks,
     or holds an empty folder of, simply has no images here.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, make_dataset
-
     path = Path(cfg.folder.replace("{rank}", str(owner.rank)).replace("{owner}", owner.name)).expanduser()
     classes = union_classes(_folder_classes(path, owner.rank, cfg.folder), group)
-    samples = make_dataset(str(path), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    samples = [(f, i) for i, c in enumerate(classes) for f in _images_in(path / c)]
     if not samples:
-        raise UserError(f"owner {owner.rank}'s folder '{path}' has no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
-    x = torch.stack([_decode(default_loader(p), cfg) for p, _ in samples])  # decoded once, at load time
+        raise UserError(f"owner {owner.rank}'s folder '{path}' has no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    x = torch.stack([_decode(f, cfg) for f, _ in samples])  # decoded once, at load time
     y = torch.as_tensor([c for _, c in samples], dtype=torch.int64)
-    order = np.random.default_rng(owner.seed + owner.rank).permutation(len(y))
+    order = np.random.default_rng(owner.seed + owner.share[0]).permutation(len(y))
     n_hold = max(1, int(round(len(y) * cfg.val_fraction)))
     test_idx, rest = order[:n_hold], order[n_hold:]
-    train_idx, val_idx = _own_share(rest, cfg, owner.seed + 1000 + owner.rank)
+    train_idx, val_idx = _own_share(rest, cfg, owner.seed + 1000 + owner.share[0])
     half = (0.5,) * cfg.channels
 
     def split(idx: np.ndarray) -> Split:
@@ -514,12 +524,24 @@ def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: dis
     return OwnerData(split(train_idx), split(val_idx), split(test_idx), classes)
 
 
-def _decode(image, cfg: DataConfig) -> Tensor:
-    """One PIL image as a uint8 (C, S, S) tensor in the configured channels and size."""
-    from torchvision.transforms import functional as TF
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-    image = image.convert("L" if cfg.channels == 1 else "RGB")
-    return TF.pil_to_tensor(TF.resize(image, [cfg.image_size, cfg.image_size]))
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files under a class folder (subfolders included), sorted; none when the folder is absent."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def _decode(file: Path, cfg: DataConfig) -> Tensor:
+    """One image file as a uint8 (C, S, S) tensor in the configured channels and size (bilinear resize)."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        image = image.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+        pixels = torch.as_tensor(np.asarray(image))
+    return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
 
 
 # ---------------------------------------------------------------- the owner's own factory
