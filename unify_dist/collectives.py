@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from unify_dist.flat import FlatState
 from unify_dist.rules import KEY_DTYPES, RuleSpec, absmax_keys_, absmax_unkeys_
 from unify_dist.secure import SecureSum
+from unify_dist.wrappers import (
+    COMPRESS_BLOCK, HALF_DTYPES, ErrorFeedback, block_absmax, dequantize_int8, int8_levels, quantize_int8, to_half,
+)  # fmt: skip
 
 __all__ = [
     "Collective", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical", "in_chunks", "key_chunk",
@@ -76,6 +79,10 @@ class Collective:
         # None: gloo's collectives. Else an object with all_reduce(tensor, op) and all_gather(out, tensor)
         # (SUM / MAX), e.g. unify_dist.trust.SealedRing, which every reduction and gather here goes through.
         self.reducer = None
+        # Bytes this owner puts on the wire, estimated for ring collectives (the Unifier zeroes it per unify):
+        # 2 (W-1)/W of an all_reduce's buffer, (W-1) times its own part of an all_gather.
+        self.bytes_sent = 0
+        self._packets: list[Tensor] = []  # the 16-bit paths' gather rows, made on first use
         # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
         self._ints_in_tail = flat.ints.numel() > 0 and flat.tail.numel() >= tail_size(self.world) + 2 * flat.ints.numel() * self.world
 
@@ -107,12 +114,14 @@ class Collective:
 
     def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp) -> None:
         """The collective every reduction here runs: gloo's (the default), or the reducer's."""
+        self.bytes_sent += 2 * (self.world - 1) * tensor.numel() * tensor.element_size() // self.world
         if self.reducer is None:
             dist.all_reduce(tensor, op, group=self.group)
         else:
             self.reducer.all_reduce(tensor, op)
 
     def _all_gather(self, out: list[Tensor], tensor: Tensor) -> None:
+        self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size()
         if self.reducer is None:
             dist.all_gather(out, tensor, group=self.group)
         else:
@@ -203,6 +212,7 @@ class Collective:
         if not sick:
             tail[self.world] = 1.0
         self._secure.mean_(values, tail, sick)
+        self.bytes_sent += 2 * (self.world - 1) * 8 * self.flat.buffer.numel() // self.world  # int64 fixed point
         self._unpack_ints(tail)
         return tail[: self.world + 1].tolist()
 
@@ -256,6 +266,115 @@ class Collective:
             stacked = rows[:, : end - start] if len(healthy) == self.world else rows[healthy, : end - start]
             values[start:end] = fn(stacked, weights)
         return flags
+
+    # ------------------------------------------------------------------------------------ compressed
+    def compressed_sum(self, spec: RuleSpec, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
+        """avg / weighted_avg of this owner's update over lossy transport with error feedback (unify.compress).
+
+        In: the update in `flat.values`. Out: the unified update, the same bits on every rank. Returns
+        each owner's sick flag. Integer buffers take the largest value over owners, as on every path.
+        """
+        weight = weight if self.path(spec) == "weighted_sum" else 1.0  # the Unifier refused all but sums
+        if feedback.mode == "int8":
+            return self._int8_sum(feedback, weight, sick, commit)
+        return self._half_gather(feedback, weight, sick, commit)
+
+    def _half_gather(self, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
+        """bf16 / fp16: one all_gather of every owner's 16-bit update (plus flag, weight and counters, as
+        raw bytes), then every rank sums the healthy owners' rows in float32 in rank order.
+
+        Why a gather and not a 16-bit all_reduce: a SUM in 16 bits rounds (and in fp16 can overflow) at
+        every hop, and that loss is nobody's residual. Here the only loss is each owner's own cast,
+        which its error feedback carries in full, and every rank runs the same float32 additions in
+        the same order, so the result is bit-identical everywhere. The price: (W-1) x 2 bytes per
+        element leave each owner, half of avg's all_reduce for 2 owners, 3/4 for 3, equal for 4.
+        """
+        values, ints = self.flat.values, self.flat.ints
+        dtype, n, k = HALF_DTYPES[feedback.mode], values.numel(), ints.numel()
+        if not self._packets:  # [flag, weight: float32 | counters: int64 | the update: 16 bits], per owner
+            self._packets = [torch.empty(8 + 8 * k + 2 * n, dtype=torch.uint8, device=values.device)
+                             for _ in range(self.world + 1)]  # fmt: skip
+        packet, rows = self._packets[-1], self._packets[:-1]
+        packet[:8].view(torch.float32).copy_(torch.tensor([1.0 if sick else 0.0, weight]))
+        packet[8 : 8 + 8 * k].view(torch.int64).copy_(ints)
+        half = packet[8 + 8 * k :].view(dtype)
+        if sick:
+            half.zero_()  # never read: its flag leaves it out
+        else:
+            feedback.add_to(values)  # what earlier rounds could not send
+            to_half(values, dtype, half)
+            feedback.keep(values, half.float(), commit)
+        self._all_gather(rows, packet)  # collective
+        meta = [row[:8].view(torch.float32).tolist() for row in rows]
+        flags, weights = [m[0] for m in meta], [m[1] for m in meta]
+        total = self._healthy_weight(flags, weights)
+        ints.copy_(torch.stack([row[8 : 8 + 8 * k].view(torch.int64) for row in rows]).amax(0))
+        if total is None:
+            return flags
+        values.zero_()
+        for r in range(self.world):  # rank order: the same float32 additions on every rank
+            if not flags[r]:
+                row = rows[r][8 + 8 * k :].view(dtype).float()
+                values.add_(row if weight == 1.0 else row.mul_(weights[r]))  # no fused multiply-add: same bits on any CPU
+        values.mul_(1.0 / total)
+        return flags
+
+    def _int8_sum(self, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
+        """int8: blockwise scales agreed as the MAX over owners (one small all_reduce, which also carries
+        flags, weights and counters), then one all_reduce SUM of int8 values.
+
+        Every owner quantises its block with the same scale s to `int8_levels(W)` = 127 // W levels per
+        sign, so the SUM of W owners' values lies in [-127, 127]: int8 cannot overflow, and an integer
+        sum is exact in any order, so every rank holds the same sum. Unified = sum x s / levels / total
+        weight, the same float32 products everywhere. Each owner sends (weight x update + residual), and
+        keeps what its quantisation dropped.
+        """
+        values, ints = self.flat.values, self.flat.ints
+        n, k, world = values.numel(), ints.numel(), self.world
+        blocks, levels = -(-n // COMPRESS_BLOCK), int8_levels(world)
+        header = torch.zeros(blocks + 2 * world + 2 * k * world, dtype=values.dtype, device=values.device)
+        scales, flags_t = header[:blocks], header[blocks : blocks + world]
+        weights_t, rows = header[blocks + world : blocks + 2 * world], header[blocks + 2 * world :].view(world, 2, k)
+        weights_t.fill_(float("-inf"))  # MAX's neutral: each slot ends as its owner's weight
+        rows.fill_(float("-inf"))
+        rows[self.rank, 0], rows[self.rank, 1] = ints >> 24, ints & 0xFFFFFF  # exact halves, as in the tail
+        if sick:
+            flags_t[self.rank] = 1.0  # scales stay 0: no say in the shared scale
+        else:
+            if weight != 1.0:
+                values.mul_(weight)
+            feedback.add_to(values)
+            block_absmax(values, COMPRESS_BLOCK, scales)
+            weights_t[self.rank] = weight
+        self._all_reduce(header, dist.ReduceOp.MAX)  # collective: shared scales, flags, weights, counters
+        flags, weights = flags_t.tolist(), weights_t.tolist()  # host sync
+        total = self._healthy_weight(flags, weights)
+        ints.copy_((rows[:, 0].to(torch.int64) * (1 << 24) + rows[:, 1].to(torch.int64)).amax(0))
+        q = torch.zeros(n, dtype=torch.int8, device=values.device)
+        if not sick:
+            quantize_int8(values, scales, levels, q)
+            sent = torch.empty_like(values)
+            dequantize_int8(q, scales / levels, sent)
+            feedback.keep(values, sent, commit)
+        self._all_reduce(q, dist.ReduceOp.SUM)  # collective: |sum| <= W x levels <= 127
+        if total is not None:
+            dequantize_int8(q, scales / levels * (1.0 / total), values)
+        return flags
+
+    def _healthy_weight(self, flags: list[float], weights: list[float]) -> float | None:
+        """The healthy owners' total weight (None: nobody is healthy, and the Unifier raises).
+
+        Every rank sees every owner's weight here, so every rank raises the same ValueError on a misuse.
+        """
+        healthy = [r for r in range(self.world) if not flags[r]]
+        bad = [r for r in healthy if not 0 <= weights[r] < float("inf")]
+        if bad:
+            raise ValueError(f"owner(s) {bad} passed a negative or non-finite unify weight; pass a finite number >= 0, "
+                             "e.g. len(its training data)")  # fmt: skip
+        total = sum(weights[r] for r in healthy)
+        if healthy and total == 0:
+            raise ValueError("the healthy owners' unify weights sum to 0; give at least one owner a weight > 0")
+        return total if healthy else None
 
 
 def in_chunks(step, keys: Tensor, scratch: Tensor) -> None:

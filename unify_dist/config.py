@@ -222,6 +222,10 @@ class UnifyConfig:
     to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
     dp_delta: float = 1e-5
     """Differential privacy: the delta of the (epsilon, delta) privacy cost reported each round."""
+    compress: str = "none"
+    """Transport of updates: none, bf16 / fp16 (16-bit casts), int8 (blockwise scaled), each with error
+    feedback (an owner's unsent remainder joins its next update). Forces update space; sums only (avg,
+    weighted_avg): a MAX or an order statistic of rounded values has no remainder to carry."""
 
     def problems(self) -> list[str]:
         from unify_dist.rules import RULES  # late: rules import nothing from config
@@ -254,6 +258,7 @@ class UnifyConfig:
             out.append("unify.dp_noise_multiplier needs a clipping norm: set unify.update_norm_bound > 0 (C)")
         if not 0 < self.dp_delta < 1:
             out.append(f"unify.dp_delta must be in (0, 1), got {self.dp_delta}")
+        out += _compress_problems(self)
         return out
 
 
@@ -271,6 +276,38 @@ class DistConfig:
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
         return out
+
+
+COMPRESS_MODES = ("none", "bf16", "fp16", "int8")
+
+_MAX_WHY = ("a MAX keeps one owner's value whole, so its rounding error is not averaged away, and the residual "
+            "an owner carries inflates its next bid")  # fmt: skip
+_NOT_COMPRESSIBLE = {  # a rule's collective -> why lossy transport with error feedback makes no sense for it
+    "max": _MAX_WHY,
+    "absmax": _MAX_WHY,
+    "masked_sum": "its pairwise masks cancel only in the full 64-bit fixed-point ring",
+    "gather": "it ranks or votes on owners' values, and a carried residual would shift an owner's vote",
+}
+
+
+def _compress_problems(cfg: "UnifyConfig") -> list[str]:
+    """unify.compress: a known mode, and only rules that unify by a sum (their error feedback is exact)."""
+    from unify_dist.rules import SPECS  # late: rules import nothing from config
+
+    if cfg.compress not in COMPRESS_MODES:
+        return [choice("unify.compress", cfg.compress, COMPRESS_MODES)]
+    if cfg.compress == "none":
+        return []
+    out = []
+    if cfg.rule == "auto" and not cfg.compare:
+        out.append(f"unify.compress = '{cfg.compress}' with unify.rule = 'auto': auto compares max and absmax "
+                   "by default; list sum rules in unify.compare, or set compress = 'none'")  # fmt: skip
+    for name in dict.fromkeys([cfg.rule, *cfg.compare]):
+        kind = SPECS[name].collective if name in SPECS else None
+        if kind in _NOT_COMPRESSIBLE:
+            out.append(f"unify.compress = '{cfg.compress}' cannot serve unify rule '{name}': {_NOT_COMPRESSIBLE[kind]}; "
+                       "compression serves avg and weighted_avg, so set compress = 'none' for this rule")  # fmt: skip
+    return out
 
 
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -22,7 +22,8 @@ copies. Integer buffers (BatchNorm's num_batches_tracked) take the largest value
 Order of one unify (unify_dist.wrappers composes the concerns around the core):
   1. this owner checks its weights for NaN/Inf (nonfinite = fail: every rank stops; skip: left out);
   2. update space (when an option needs it): update = weights - anchor, clipped, noised;
-  3. the rule's own per-owner step (ties' trim), then its collective (unify_dist.collectives);
+  3. the rule's own per-owner step (ties' trim), then its collective (unify_dist.collectives); with
+     unify.compress the update, plus what earlier rounds could not send, travels compressed;
   4. the unified update through server momentum, back to weights, new anchor;
   5. every rank's digest gathered and compared: equal bits, or DivergenceError.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -44,7 +46,7 @@ from unify_dist.collectives import Collective, DivergenceError, NonFiniteError, 
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.rules import RULES, SPECS
-from unify_dist.wrappers import ClipUpdate, GaussianNoise, ServerMomentum, UpdateSpace
+from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, ServerMomentum, UpdateSpace, int8_levels
 
 __all__ = ["Unifier", "UnifyOutcome", "same_start", "structure"]
 
@@ -63,6 +65,9 @@ class UnifyOutcome:
     """Wall time of the unify on this rank, the digest check excluded."""
     dp_epsilon: float | None = None
     """With dp_noise_multiplier > 0: this owner's privacy spent so far (epsilon at UnifyConfig.dp_delta)."""
+    bytes_sent: int = 0
+    """Bytes this owner put on the wire for the unify, estimated for ring collectives (2 (W-1)/W of an
+    all_reduce's buffer, W-1 times its own part of an all_gather); the digest check excluded."""
 
 
 class Unifier:
@@ -117,12 +122,15 @@ class Unifier:
         self.unified_steps: list[Any] = []
         if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
             self.unified_steps.append(ServerMomentum(cfg.server_momentum, cfg.server_lr, flat.values))
+        self.compress = ErrorFeedback(cfg.compress, flat.values) if cfg.compress != "none" else None
+        _check_compress_world(cfg.compress, self.core.world)
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Anchor, momentum and privacy spent, when the options in use keep them ({} for plain rules)."""
+        """Anchor, momentum, privacy spent and the compression residual, when the options in use keep
+        them ({} for plain rules). The residual is this owner's own: each owner checkpoints its state."""
         state: dict[str, Any] = {}
-        for part in (self.space, *self.owner_steps, *self.unified_steps):
+        for part in (self.space, *self.owner_steps, *self.unified_steps, self.compress):
             if part is not None and hasattr(part, "state_dict"):
                 state.update(part.state_dict())
         return state
@@ -131,7 +139,7 @@ class Unifier:
         """Restore state_dict() in place; call after the model's weights are restored."""
         if self.space is not None:
             self.space.load_state_dict(state, self.flat.values)
-        for part in (*self.owner_steps, *self.unified_steps):
+        for part in (*self.owner_steps, *self.unified_steps, *([self.compress] if self.compress else [])):
             if hasattr(part, "load_state_dict"):
                 part.load_state_dict(state)
 
@@ -150,10 +158,14 @@ class Unifier:
         spec = SPECS[name]
         if spec.delta_only and self.space is None:
             raise ValueError(f"unify rule '{name}' works on updates: name it in the rule or in UnifyConfig.compare")
-        delta = self.space is not None and (self.cfg.space == "delta" or spec.delta_only)
+        if self.compress is not None and self.core.path(spec) not in ("sum", "weighted_sum"):
+            raise ValueError(f"unify.compress = '{self.compress.mode}' serves sums only (avg, weighted_avg), not "
+                             f"unify rule '{name}': unify it with a Unifier whose compress is 'none'")  # fmt: skip
+        delta = self.space is not None and (self.cfg.space == "delta" or spec.delta_only or self.compress is not None)
         options = {k: getattr(self.cfg, k) for k in spec.options}
         values = self.flat.values
         t0 = time.perf_counter()
+        self.core.bytes_sent = 0
 
         sick_tensor = self.core.find_nonfinite()  # 1. host sync
         if sick_tensor is None:
@@ -161,7 +173,10 @@ class Unifier:
             if spec.owner_step is not None:
                 values.copy_(spec.owner_step(values, **options))  # 3. needs this owner's whole vector
         combine = spec.combine or partial(spec.reference, **options)
-        flags = self.core.reduce(spec, combine, weight, sick_tensor is not None)  # 3. collective
+        if self.compress is not None:
+            flags = self.core.compressed_sum(spec, self.compress, weight, sick_tensor is not None, commit)  # 3. collective
+        else:
+            flags = self.core.reduce(spec, combine, weight, sick_tensor is not None)  # 3. collective
         sick = [r for r in range(self.core.world) if flags[r] > 0]
         if sick and self.cfg.nonfinite == "fail":
             mine = f"owner {self.rank} has non-finite weights in '{sick_tensor}'" if sick_tensor else None
@@ -176,7 +191,8 @@ class Unifier:
         seconds = time.perf_counter() - t0
         digests = verify_identical(self.flat, self.group, self.core.reducer) if verify else None  # 5. collective
         noise = next((s for s in self.owner_steps if isinstance(s, GaussianNoise)), None)
-        return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, noise.epsilon() if noise else None)
+        epsilon = noise.epsilon() if noise else None
+        return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, epsilon, self.core.bytes_sent)
 
     def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool) -> None:
         """Local, before any collective: this owner's (clipped, noised) update, or weights = anchor + that."""
@@ -208,7 +224,20 @@ def _needs_anchor(cfg: UnifyConfig) -> bool:
     """Whether any option in use needs the previous unified state."""
     delta_rule = any(SPECS[r].delta_only for r in [cfg.rule, *cfg.compare] if r in SPECS)
     server = cfg.server_momentum > 0 or cfg.server_lr != 1.0
-    return cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server
+    return cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server or cfg.compress != "none"
+
+
+def _check_compress_world(mode: str, owners: int) -> None:
+    """int8 needs a level per sign per owner (ValueError past 127 owners); 16 bits past 3 owners works but
+    sends no fewer bytes than plain avg (a warning): its all_gather grows with the owner count."""
+    if mode == "int8" and int8_levels(owners) < 1:
+        raise ValueError(f"unify.compress = 'int8' works with at most 127 owners, got {owners}; use bf16 or none")
+    if mode in ("bf16", "fp16") and owners >= 4:
+        warnings.warn(
+            f"unify.compress = '{mode}' with {owners} owners sends {(owners - 1) * 2} bytes per weight, no fewer than "
+            "uncompressed avg's all_reduce; int8 sends under 2 at any owner count",
+            stacklevel=3,
+        )
 
 
 def _unknown_rule(name: str) -> str:
