@@ -244,9 +244,11 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     mine = [len(data.train), loss, *local_val, *unified_val, outcome.seconds, *candidates]
     mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
     with stage(f"metrics gather in round {round_}", ctx):
-        gathered = all_gather_floats(mine, ctx)  # collective: the same figures on every rank
+        gathered = all_gather_floats([*mine, outcome.bytes_sent], ctx)  # collective: the same figures on every rank
     digests = [outcome.digest] * ctx.world_size  # verified equal on every rank by unify
-    record = _record(cfg, round_, gathered, digests, outcome.skipped, data.num_classes)
+    record = _record(cfg, round_, [row[:-1] for row in gathered], digests, outcome.skipped, data.num_classes)
+    for owner, row in zip(record["owners"], gathered):
+        owner["unify_bytes"] = int(row[-1])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
     record["rule_used"] = outcome.rule
     if outcome.dp_epsilon is not None:  # the privacy spent so far, (epsilon, delta)-DP per owner
         record["dp_epsilon"] = outcome.dp_epsilon
