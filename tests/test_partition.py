@@ -51,3 +51,23 @@ def test_real_owner_shares(data_root) -> None:
     assert len(owners[0].train) == 500 and owners[0].train.x.shape[1:] == (1, 28, 28)
     assert len(owners[0].test) + len(owners[1].test) == 1000  # test shards cover the test subset
     assert abs(float(owners[0].train.x.mean())) < 0.5  # normalised
+
+
+def test_registries_refuse_duplicates_and_config_reads_them() -> None:
+    from unify_dist.config import DataConfig
+    from unify_dist.data import DATASETS, PARTITIONS, register_dataset, register_partition
+
+    assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "folder"}
+    assert set(PARTITIONS) == {"iid", "label_split", "dirichlet", "folder"}
+    with pytest.raises(ValueError, match="registered twice"):
+        register_partition("iid")(lambda labels, owners, rng, **_: [])
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset("mnist")(lambda cfg, owner, device, group: None)
+    assert any("data.partition = 'halves' is not known" in p for p in DataConfig(partition="halves").problems())
+    try:
+        register_partition("halves")(lambda labels, owners, rng, **_: np.array_split(np.arange(len(labels)), owners))
+        assert DataConfig(partition="halves").problems() == []  # a registered name is valid at once
+        assert [len(p) for p in partition(LABELS, "halves", 2, seed=0)] == [2500, 2500]
+        assert DataConfig(dataset="folder", partition="halves", folder="x").problems()[0].endswith("takes partition 'folder'")
+    finally:
+        PARTITIONS.pop("halves", None)
