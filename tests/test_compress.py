@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests.world import run_world
+from tests.world import run_world, torchrun
 from unify_dist.collectives import tail_size
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
+from unify_dist.models import MODELS
 from unify_dist.unifier import Unifier
 from unify_dist.wrappers import COMPRESS_BLOCK, int8_levels
 
@@ -277,3 +280,21 @@ def test_rules_without_meaning_under_compression_are_refused(options: dict, word
 def test_unknown_mode_is_refused_with_the_choices() -> None:
     (problem,) = UnifyConfig(compress="int4").problems()
     assert "unify.compress = 'int4'" in problem and "bf16, fp16, int8" in problem
+
+
+@pytest.mark.slow
+def test_compressed_run_through_the_cli_records_bytes(tmp_path: Path, data_root: Path) -> None:
+    """The program: int8 for two rounds, every owner's unify_bytes in the round record, equal digests."""
+    args = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=300",
+            "--set", "data.test_size=300", "--set", "model.name=mlp", "--set", "output.progress=false",
+            "--set", "train.max_rounds=2", "--set", "unify.compress=int8", "--set", f"output.dir={tmp_path}"]  # fmt: skip
+    proc = torchrun(args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(records) == 2
+    for record in records:
+        assert len({o["digest"] for o in record["owners"]}) == 1
+        sent = [o["unify_bytes"] for o in record["owners"]]
+        params = sum(t.numel() for t in MODELS["mlp"](in_shape=(1, 28, 28), num_classes=10).parameters())
+        # int8 on 2 owners: one byte per weight, and 4 bytes of scale per 256 of them
+        assert sent[0] == sent[1] and params < sent[0] < 1.1 * params, sent
