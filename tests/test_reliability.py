@@ -249,7 +249,7 @@ def test_fault_hook_refuses_malformed(text: str) -> None:
 
 def test_checkpointer_skips_damaged_files_with_a_one_line_warning(tmp_path: Path) -> None:
     warnings: list[str] = []
-    ckpt = Checkpointer(tmp_path, rank=0, keep=3, warn=warnings.append)
+    ckpt = Checkpointer(tmp_path, owner="rank0", keep=3, warn=warnings.append)
     stale = ckpt.dir / ".round_00002.pt.tmp99999999"  # as if a process died mid-write
     for round_ in (1, 2, 3):
         if round_ == 2:

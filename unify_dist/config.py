@@ -159,6 +159,13 @@ class TrainConfig:
     absent_class_scale: float = 1.0
     """FedRS restricted softmax: in the local loss, logits of classes this owner has no images of are scaled
     by this (< 1 keeps an owner from teaching the model that the others' classes never occur; 1: off)."""
+    owners: list[str] = field(default_factory=list)
+    """Every owner of the project by name, in a fixed order (empty: owners are named rank0, rank1, ...). Each owner
+    says which it is with UNIFY_DIST_OWNER; its data share is cut by its place here, so it never moves."""
+    min_owners: int = 1
+    """The fewest owners a round may run with; with fewer, wait owner_wait_s for more, then stop."""
+    owner_wait_s: float = 60.0
+    """How long too few owners wait for another to join (under elastic torchrun) before stopping."""
     scaffold: bool = False
     """SCAFFOLD control variates: local gradients corrected by (mean of owners' last-round gradients - own);
     one extra all_reduce of the parameters per round."""
@@ -187,6 +194,10 @@ class TrainConfig:
             out.append(f"train.target_accuracy is a fraction in [0, 1], got {self.target_accuracy}")
         if self.threads < 0 or self.momentum < 0 or self.weight_decay < 0:
             out.append("train.threads, train.momentum and train.weight_decay must be >= 0")
+        if self.min_owners < 1 or self.owner_wait_s < 0:
+            out.append(f"train.min_owners must be >= 1 and train.owner_wait_s >= 0, got {self.min_owners}, {self.owner_wait_s}")
+        if len(set(self.owners)) != len(self.owners) or any(not n.strip() for n in self.owners):
+            out.append(f"train.owners must be distinct non-empty names, got {self.owners}")
         if self.fedprox_mu < 0:
             out.append(f"train.fedprox_mu must be >= 0 (0: off), got {self.fedprox_mu}")
         return out

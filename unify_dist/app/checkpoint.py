@@ -1,7 +1,7 @@
 """Round checkpoints that survive a crash mid-write, and the JSONL metrics log.
 
-Each owner writes its own checkpoints (owners may sit on different machines with different disks):
-RUN_DIR/checkpoints/rank{R}/round_00007.pt. A file is written to a temporary name, fsynced, then renamed,
+Each owner writes its own checkpoints (owners may sit on different machines with different disks), under
+its name (unify_dist.app.owners: rank{R} when owners are not named): RUN_DIR/checkpoints/NAME/round_00007.pt. A file is written to a temporary name, fsynced, then renamed,
 so a reader sees either the old set or the complete new file. Everything is loaded with
 weights_only=True: a checkpoint holds tensors, numbers, strings and lists, never pickled code.
 """
@@ -42,8 +42,8 @@ def save_atomic(obj: Any, path: Path) -> None:
 class Checkpointer:
     """One owner's round checkpoints: save, keep the newest `keep`, find the newest readable ones."""
 
-    def __init__(self, run_dir: Path, rank: int, keep: int, warn: Callable[[str], None]):
-        self.dir = run_dir / "checkpoints" / f"rank{rank}"
+    def __init__(self, run_dir: Path, owner: str, keep: int, warn: Callable[[str], None]):
+        self.dir = run_dir / "checkpoints" / owner
         self.keep, self.warn = keep, warn
 
     def path(self, round_: int) -> Path:
@@ -77,7 +77,17 @@ class Checkpointer:
             return None
 
     def readable_rounds(self) -> list[int]:
-        return [r for r in self.rounds() if self.load(r) is not None]
+        return list(self.readable())
+
+    def readable(self) -> dict[int, list[str]]:
+        """{round: the owners who took part in it} for every readable checkpoint, newest first."""
+        found = {}
+        for r in self.rounds():
+            state = self.load(r)
+            if state is not None:
+                records = state.get("metrics") or [{}]
+                found[r] = list(records[-1].get("participants", []))
+        return found
 
     def clear(self) -> None:
         for r in self.rounds():

@@ -21,6 +21,7 @@ from torch import nn
 
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
+from unify_dist.app.owners import Membership, agree_on_owners
 from unify_dist.app.consistency import check_consistency, fingerprint
 from unify_dist.app.console import Reporter
 from unify_dist.app.state import TrainState
@@ -48,7 +49,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     for hook in hooks:
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
-    data = load_data(cfg, ctx)
+    members = agree_on_owners(cfg.train, ctx, out.info)  # collective: who is here, by name
+    data = load_data(cfg, ctx, members)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank).to(ctx.device)
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
@@ -56,15 +58,15 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
-    ckpt = Checkpointer(run_dir, ctx.rank, cfg.output.keep_checkpoints, out.warn)
+    ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
-    start = _resume(cfg, ctx, ckpt, state, out)
+    start = _resume(cfg, ctx, ckpt, state, members, out)
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
         # 1. Train locally, on this owner's data only.
-        loss = _train_locally(cfg, ctx, state, data, round_, out)
+        loss = _train_locally(cfg, members.index, state, data, round_, out)
         local = _evaluate_local(cfg, model, data)
         for hook in hooks:
             hook.before_unify(round_, state.unifier)
@@ -81,13 +83,14 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
 
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
         record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome)
+        _name_owners(record, members, state.records)
         state.records.append(record)
         out.round_row(record)
         metrics.append(record)
         ckpt.save(round_, state.state_dict())
 
         # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
-        if cfg.train.target_accuracy and record["min_unified_val_acc"] >= cfg.train.target_accuracy:
+        if cfg.train.target_accuracy and (record["min_unified_val_acc"] or 0.0) >= cfg.train.target_accuracy:
             out.info(f"every owner reached {cfg.train.target_accuracy:.2%} validation accuracy in round {round_}")
             break
 
@@ -100,8 +103,9 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
 
 def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     """The start-up lines: who, what, and what each owner will learn about the others."""
+    owners = f"{ctx.world_size} owner{'' if ctx.world_size == 1 else 's'}"
     out.info(
-        f"unify-dist: {ctx.world_size} owners, backend {ctx.backend}, rule {cfg.unify.rule}, "
+        f"unify-dist: {owners}, backend {ctx.backend}, rule {cfg.unify.rule}, "
         f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {cfg.output.dir}"
     )
     candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
@@ -112,7 +116,7 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
 
 
-def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
+def load_data(cfg: RunConfig, ctx: Context, members: Membership) -> OwnerData:
     """One process per machine fetches or unpacks the files; then every owner loads its own share.
 
     Failures are agreed on (a collective) so that one owner's missing files stop everyone at once.
@@ -128,18 +132,29 @@ def load_data(cfg: RunConfig, ctx: Context) -> OwnerData:
         agree(error, ctx, "preparing the dataset")
     data, error = None, None
     try:
-        owner = Owner(ctx.rank, ctx.world_size, cfg.train.seed, f"owner{ctx.rank}")
+        owner = Owner(ctx.rank, ctx.world_size, cfg.train.seed, members.name, members.index, len(members.roster))
         data = load_owner_data(cfg.data, owner, ctx.device)  # folder: a collective agrees on the class list
     except UserError as e:
         error = str(e)
     with stage("dataset loading", ctx):
         agree(error, ctx, "loading the owner's data")
     assert data is not None
+    with stage("training image counts", ctx):
+        counts = all_gather_floats([float(len(data.train))], ctx)  # collective: every rank names the same owners
+    empty = [r for r, (n,) in enumerate(counts) if n == 0]
+    if empty:  # an owner with nothing to learn from would unify its random start and sink everyone to chance
+        raise UserError(
+            f"owner(s) {empty} have no training images (after data.val_fraction = {cfg.data.val_fraction} is held "
+            "back for validation); give each owner more images, raise data.train_per_owner, or use fewer owners"
+        )
     return data
 
 
-def _train_locally(cfg: RunConfig, ctx: Context, state: TrainState, data: OwnerData, round_: int, out: Reporter) -> float:
-    """This owner's local epochs of the round (or train.local_steps steps); returns the last epoch's loss."""
+def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter) -> float:
+    """This owner's local epochs of the round (or train.local_steps steps); returns the last epoch's loss.
+
+    The data order depends on the owner's place in the owner list, not its rank: a rank can change.
+    """
     model, optimizer, scaffold = state.model, state.optimizer, state.scaffold
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
     steps_left = cfg.train.local_steps  # 0: whole epochs
@@ -154,7 +169,7 @@ def _train_locally(cfg: RunConfig, ctx: Context, state: TrainState, data: OwnerD
     logit_scale = absent_class_scale(data.train.labels(), data.num_classes, scale) if scale != 1 else None
     with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
         for epoch in range(epochs):
-            g = epoch_generator(cfg.train.seed, round_, ctx.rank, epoch)
+            g = epoch_generator(cfg.train.seed, round_, owner, epoch)
             take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
                 model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox,
@@ -162,8 +177,7 @@ def _train_locally(cfg: RunConfig, ctx: Context, state: TrainState, data: OwnerD
             )  # fmt: skip
             steps_left -= take
     if scaffold is not None:
-        with stage(f"SCAFFOLD control variates in round {round_}", ctx):
-            scaffold.end_round()  # collective
+        scaffold.end_round()  # collective: SCAFFOLD's control variates
     return loss
 
 
@@ -235,6 +249,16 @@ class _trial:
         self.flat.ints.copy_(self.ints)
 
 
+def _name_owners(record: dict[str, Any], members: Membership, records: list[dict[str, Any]]) -> None:
+    """Name each owner's column, and who took part in this round, joined or left since the round before."""
+    for entry, name in zip(record["owners"], members.present):
+        entry["name"] = name
+    before = records[-1].get("participants", members.present) if records else members.present
+    record["participants"] = members.present
+    record["joined"] = [n for n in members.present if n not in before]
+    record["left"] = [n for n in before if n not in members.present]
+
+
 def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: OwnerData, round_: int, loss: float,
                       local: list[Any], candidates: list[float], outcome) -> dict[str, Any]:  # fmt: skip
     """Evaluate the unified model on this owner's data, gather every owner's figures, build the record."""
@@ -270,7 +294,7 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
             "n_train": int(base["n_train"]),
             "loss": base["loss"],
             "local_val_acc": base["local_val_c"] / base["local_val_t"] if base["local_val_t"] else None,
-            "unified_val_acc": base["unified_val_c"] / max(base["unified_val_t"], 1),
+            "unified_val_acc": _fraction(base["unified_val_c"], base["unified_val_t"]),
             "unify_s": base["unify_s"],
             "digest": digests[rank],
         })  # fmt: skip
@@ -278,8 +302,8 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
     candidates = {}
     for i, rule in enumerate(cfg.unify.compare):
         c = [sum(r[4 * i + j] for r in rest) for j in range(4)]
-        vals = [r[4 * i] / max(r[4 * i + 1], 1) for r in rest]
-        candidates[rule] = {"test_acc": c[2] / max(c[3], 1), "min_val_acc": min(vals)}
+        vals = [_fraction(r[4 * i], r[4 * i + 1]) for r in rest]
+        candidates[rule] = {"test_acc": c[2] / max(c[3], 1), "min_val_acc": _lowest(vals)}
     pcs = [r[k:] for r in rest]  # local correct, local total, unified correct, unified total (C each)
     C = n_classes
     unified_c = [sum(p[2 * C + c] for p in pcs) for c in range(C)]
@@ -290,7 +314,7 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
         "name": cfg.name,
         "owners": owners,
         "skipped": skipped,
-        "min_unified_val_acc": min(o["unified_val_acc"] for o in owners),
+        "min_unified_val_acc": _lowest([o["unified_val_acc"] for o in owners]),
         # Global test accuracy: every owner's correct/total counts summed; no test image moved.
         "unified_test_acc": sum(unified_c) / max(sum(unified_t), 1),
         "candidates": candidates,
@@ -303,28 +327,78 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
     }
 
 
-def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState, out: Reporter) -> int:
-    """Continue from the newest round that every owner has a readable checkpoint of (0: start fresh).
+def _fraction(correct: float, total: float) -> float | None:
+    """correct / total, or None for an empty split: it has no accuracy (not 0%, and never 100%)."""
+    return correct / total if total else None
 
-    A collective (all_gather_object of each owner's readable rounds): every rank calls it.
+
+def _lowest(accs: list[float | None]) -> float | None:
+    """The weakest owner's accuracy among those that measured one (None: no owner did)."""
+    return min((a for a in accs if a is not None), default=None)
+
+
+def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState, members: Membership, out: Reporter) -> int:
+    """Continue from the newest completed round this group can continue exactly (0: start fresh).
+
+    Each owner reports the rounds it has readable checkpoints of (and who took part in each). The group
+    resumes from the newest round R whose every participant that is here now still has R: nothing completed
+    is lost, and nobody who trained in R restarts from older state. An owner here without R (it was away,
+    or is new) takes the unified model, the unifier's state and the records from an owner that has R, and
+    keeps its own optimizer state from its newest older checkpoint (a fresh one if it has none).
+    A collective: every rank calls it.
     """
     if not cfg.output.resume:
         ckpt.clear()
         return 0
-    mine = ckpt.readable_rounds()
-    everyone: list[list[int] | None] = [None] * ctx.world_size
+    everyone: list[dict[int, list[str]] | None] = [None] * ctx.world_size
     with stage("resume agreement", ctx):
-        dist.all_gather_object(everyone, mine)
-    common = set(everyone[0] or [])
-    for rounds in everyone[1:]:
-        common &= set(rounds or [])
-    if not common:
+        dist.all_gather_object(everyone, ckpt.readable())  # collective
+    held = [e or {} for e in everyone]
+    round_, source = _resume_point(held, members.present)
+    if round_ == 0:
         return 0
-    round_ = max(common)
-    saved = ckpt.load(round_)
-    assert saved is not None  # readable a moment ago
-    state.load_state_dict(saved)
-    with stage("resume digest check", ctx):
+    mine = held[ctx.rank]
+    if round_ in mine:
+        saved = ckpt.load(round_)
+        assert saved is not None  # readable a moment ago
+        state.load_state_dict(saved)
+    else:
+        older = max((r for r in mine if r < round_), default=0)
+        state.load_own_state(ckpt.load(older) if older else None)
+    everyone_had_it = all(round_ in h for h in held)  # the same verdict on every rank
+    with stage("resume from a peer", ctx):
+        if not everyone_had_it:
+            _take_from(source, state, needed=round_ not in mine)  # collective
         verify_identical(state.unifier.flat)  # collective
-    out.info(f"resumed from round {round_} (every owner had it)")
+    if everyone_had_it:
+        out.info(f"resumed from round {round_} (every owner had it)")
+    else:
+        late = [n for n, h in zip(members.present, held) if round_ not in h]
+        out.info(f"resumed from round {round_} ({members.present[source]}'s checkpoint); taken from it: {', '.join(late)}")
     return round_
+
+
+def _resume_point(held: list[dict[int, list[str]]], present: list[str]) -> tuple[int, int]:
+    """(round, rank to take it from): the newest round every present participant of it still holds."""
+    for round_ in sorted({r for h in held for r in h}, reverse=True):
+        holders = [rank for rank, h in enumerate(held) if round_ in h]
+        took_part = held[holders[0]][round_] or present  # checkpoints before names were recorded: everyone
+        if all(round_ in held[rank] for rank, name in enumerate(present) if name in took_part):
+            return round_, holders[0]
+    return 0, 0
+
+
+def _take_from(source: int, state: TrainState, needed: bool) -> None:
+    """`source`'s unified weights, unifier state and records, for the owners that lack them (`needed`).
+
+    A collective (every rank joins the broadcasts); an owner that had the round keeps its own unifier state,
+    which may hold per-owner parts (residuals) beside the shared ones.
+    """
+    flat = state.unifier.flat
+    dist.broadcast(flat.buffer, src=source)  # collective; equal bits on the owners that had the round
+    dist.broadcast(flat.ints, src=source)
+    shared = [{"unifier": state.unifier.state_dict(), "records": state.records}]
+    dist.broadcast_object_list(shared, src=source)
+    if needed:
+        state.unifier.load_state_dict(shared[0]["unifier"])
+        state.records[:] = shared[0]["records"]

@@ -45,6 +45,16 @@ class TrainState:
             "config": self.cfg.to_dict(),
         }
 
+    def load_own_state(self, state: dict[str, Any] | None) -> None:
+        """Only what is this owner's own (optimizer, control variates, RNG) from an older checkpoint, for an
+        owner that comes back after rounds it missed; None (a new owner): fresh optimizer, nothing else."""
+        if state is None:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaffold is not None and state.get("scaffold"):
+            self.scaffold.load_state_dict(state["scaffold"])
+        torch.set_rng_state(state["rng"]["torch"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """In place: the model's tensors stay the Unifier's flat views."""
         self.model.load_state_dict(state["model"])
