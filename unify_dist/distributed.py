@@ -7,10 +7,13 @@ Without torchrun (no WORLD_SIZE), a one-owner group is made in-process so the sa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -18,7 +21,7 @@ import torch.distributed as dist
 from unify_dist.config import DistConfig
 from unify_dist.errors import UserError
 
-__all__ = ["Context", "init_context", "shutdown", "agree", "stage", "CollectiveTimeout", "all_gather_floats"]
+__all__ = ["Context", "init_context", "shutdown", "end_process", "agree", "stage", "CollectiveTimeout", "all_gather_floats"]
 
 
 @dataclass(frozen=True)
@@ -81,16 +84,46 @@ def init_context(cfg: DistConfig) -> Context:
 def _attempt_store(timeout: timedelta) -> dist.Store:
     """The launcher's store, under a prefix unique to this restart attempt (torchrun --max-restarts).
 
+    Elastic runs (owners leave and join: --nnodes=MIN:MAX) must set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on
+    every agent, so that each rendezvous round gets a store of its own.
+
     torchrun keeps one store for all attempts; without the prefix, a restarted group can read the dead
     group's addresses from it and fail to connect ("Connection refused") instead of resuming.
     """
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (elastic runs): a fresh store every rendezvous round, and agents
+        # that joined at different times count restarts differently, so no prefix may depend on that count
+        return store
     return dist.PrefixStore(f"unify_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
+    """Leave the process group now, while the interpreter is whole, and never raise.
+
+    Destroyed here, gloo's threads are joined and its pending work freed in order. Left to the
+    interpreter's teardown, they can abort the process (SIGABRT, 'terminate called without an active
+    exception') after it has already said why it stops. When a peer has already exited (the usual
+    case after a failure every owner agreed on), the destroy itself may fail: that must not replace
+    the error the user needs to see.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code` right now: streams flushed, interpreter teardown and C++ static destructors skipped.
+
+    For a worker that has said why it fails and left the group: nothing it still holds (the dataset,
+    the model, torch's thread pools) needs a teardown, and skipping it means no late abort can turn
+    the exit code the launcher reads into anything else.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -117,15 +150,18 @@ def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:
 
 
 def agree(error: str | None, ctx: Context, what: str) -> None:
-    """Raise the same UserError on every rank if any rank failed `what`, naming those ranks.
+    """Raise the same UserError on every rank if any rank failed `what`: the failing owner's own message.
 
     Every rank must call this (it is a collective): a failure seen by one owner must stop all of them,
-    not leave the others waiting in the next collective until the timeout.
+    not leave the others waiting in the next collective until the timeout. Every rank raises the same
+    words, so a launcher can print one line for the whole group.
     """
     flags = all_gather_floats([0.0 if error is None else 1.0], ctx)
     failed = [r for r, (f,) in enumerate(flags) if f]
     if not failed:
         return
-    if error is not None:
-        raise UserError(error)
-    raise UserError(f"{what} failed on rank(s) {failed}; see that rank's message (this is rank {ctx.rank})")
+    messages: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(messages, error)  # collective, only on failure: the words travel, once
+    first = messages[failed[0]] or f"{what} failed"
+    also = f" (owner(s) {failed[1:]} failed {what} too)" if len(failed) > 1 else ""
+    raise UserError(first + also)
