@@ -1,8 +1,9 @@
-"""Command line: `unify-dist train|report ...` (also `python -m unify_dist ...`).
+"""Command line: `unify-dist train|report|launch ...` (also `python -m unify_dist ...`).
 
 A user's mistake (UserError) becomes one line on stderr and exit code 2; a run that fails for other
 reasons (a dead owner, a timeout, diverging weights) becomes one line and exit code 1. Set
-UNIFY_DIST_DEBUG=1 to see the traceback as well.
+UNIFY_DIST_DEBUG=1 to see the traceback as well. `launch` wraps torchrun so that a whole group of
+owners answers a mistake with one line too (unify_dist.app.launch).
 """
 
 from __future__ import annotations
@@ -50,28 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", help="run directories (or metrics.jsonl files)")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: the first run's parent)")
     report.set_defaults(func=_report)
+    launch = sub.add_parser(
+        "launch", help="torchrun with one line per failure: unify-dist launch [torchrun options] -- train ...",
+    )  # fmt: skip
+    launch.add_argument("torchrun_then_program", nargs=argparse.REMAINDER, help="torchrun options, '--', then train ...")
+    launch.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[Any] = ()) -> int:
-    """The program; `hooks` act on the unifier each round (experiments and tests: unify_dist.app.loop)."""
+    """The program; `hooks` act on the unifier each round (experiments and tests: unify_dist.app.loop).
+
+    A failed `train` under torchrun ends its process here, once its line is out and the group is
+    left (unify_dist.distributed.end_process): the exit code torchrun reads is the one chosen here.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    code = _main(argv, hooks)
+    if code != 0 and argv[:1] == ["train"] and "TORCHELASTIC_RUN_ID" in os.environ:
+        from unify_dist.distributed import end_process
+
+        end_process(code)
+    return code
+
+
+def _main(argv: list[str], hooks: Sequence[Any]) -> int:
     try:
+        if argv[:1] == ["launch"]:  # before argparse, which would take torchrun's options for its own
+            from unify_dist.app.launch import main as launch_main
+
+            code, line = launch_main(argv[1:])
+            if line:
+                say(line)
+            return code
+        args = build_parser().parse_args(argv)
         return args.func(args, hooks) if args.func is _train else args.func(args)
     except UserError as e:
-        say(f"unify-dist: error: {e}")
-        return 2
+        return _last_words(2, f"unify-dist: error: {e}")
     except KeyboardInterrupt:
-        say("unify-dist: interrupted")
-        return 130
+        return _last_words(130, "unify-dist: interrupted")
     except Exception as e:  # a failed run, not a user mistake: one line, exit 1
         if os.environ.get("UNIFY_DIST_DEBUG"):
             traceback.print_exc()
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None else ""
-        say(f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        return 1
+        return _last_words(1, f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _last_words(code: int, line: str) -> int:
+    """Say the line, or, in a worker of `unify-dist launch`, leave it to the launcher (which says it once)."""
+    from unify_dist.app.launch import record_last_words
+
+    if not record_last_words(code, line.replace("\n", " ")):
+        say(line)
+    return code
 
 
 def say(line: str) -> None:

@@ -68,11 +68,16 @@ class Reporter:
         table.add_column("unify ms", justify="right", width=9)  # fastest owner: the others also waited for it
         table.add_column("digest", width=17)
         cells = [str(record["round"])]
-        cells += ["-" if o["local_val_acc"] is None else f"{o['local_val_acc']:.2%}" for o in owners]
-        cells += [f"{record['min_unified_val_acc']:.2%}", f"{record['unified_test_acc']:.2%}"]
-        cells += [f"{c['test_acc']:.2%}" for c in record.get("candidates", {}).values()]
+        cells += [_pct(o["local_val_acc"]) for o in owners]
+        cells += [_pct(record["min_unified_val_acc"]), _pct(record["unified_test_acc"])]
+        cells += [_pct(c["test_acc"]) for c in record.get("candidates", {}).values()]
         cells += [record["rule_used"]] if record["rule"] == "auto" else []
         cells += [f"{1000 * min(o['unify_s'] for o in owners):.1f}", record["digest"]]
         table.add_row(*cells)
         self.console.print(table)
         self._header_done = True
+
+
+def _pct(x: float | None) -> str:
+    """An accuracy, or n/a where there was nothing to measure (an empty split, local metrics off)."""
+    return "n/a" if x is None else f"{x:.2%}"
