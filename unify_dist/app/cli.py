@@ -40,6 +40,15 @@ def _report(args: argparse.Namespace) -> int:
     return report_main(args.run_dirs, args.out)
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from unify_dist.trust.identity import generate_key
+
+    public, text = generate_key(args.out)
+    print(f"wrote {args.out} (private identity key, mode 0600: keep it) and {public} (public)")
+    print(f"roster line for every owner's [owners] table: {args.name} = \"{text}\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unify-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", help="run directories (or metrics.jsonl files)")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: the first run's parent)")
     report.set_defaults(func=_report)
+    keygen = sub.add_parser("keygen", help="make this owner's Ed25519 identity key for [trust] (private file 0600, .pub beside)")
+    keygen.add_argument("--out", required=True, help="private key file to write, e.g. owner.key (never overwritten)")
+    keygen.add_argument("--name", default="OWNER", help="this owner's roster name, for the printed roster line")
+    keygen.set_defaults(func=_keygen)
     launch = sub.add_parser(
         "launch", help="torchrun with one line per failure: unify-dist launch [torchrun options] -- train ...",
     )  # fmt: skip

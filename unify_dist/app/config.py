@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 from unify_dist.config import DataConfig, DistConfig, ModelConfig, TrainConfig, UnifyConfig
 from unify_dist.errors import UserError
 
-__all__ = ["OutputConfig", "RunConfig", "load_config", "parse_overrides", "build_section", "import_modules"]
+__all__ = ["OutputConfig", "RunConfig", "TrustConfig", "load_config", "parse_overrides", "build_section", "import_modules"]
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -39,6 +39,34 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """Who may join and how unify traffic travels (unify_dist.trust; README: Running across organisations).
+
+    In `key` and `owner`, '{rank}' becomes this process's rank: one machine, one config, several owners.
+    """
+
+    enabled: bool = False
+    """Admit only roster owners (a signed admission before any weight is sent) and seal every unify message
+    (AES-256-GCM over a point-to-point ring). Off: gloo's collectives, in the clear, anyone may join."""
+    roster: str = ""
+    """TOML file with an [owners] table, name = "public key" (from keygen's .pub), the same on every owner."""
+    key: str = ""
+    """This owner's private identity key, made by `unify-dist keygen --out FILE` (mode 0600)."""
+    owner: str = ""
+    """This owner's name in the roster."""
+
+    def problems(self) -> list[str]:
+        if not self.enabled:
+            return []
+        missing = [f"trust.{k}" for k in ("roster", "key", "owner") if not getattr(self, k)]
+        if missing:
+            return [f"trust.enabled needs {', '.join(missing)}: set them (unify-dist keygen makes a key; README)"]
+        if not Path(self.roster).is_file():
+            return [f"trust.roster '{self.roster}' does not exist; give every owner the same roster file"]
+        return []
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     """A label for the run, shown in tables and stored in metrics."""
@@ -48,6 +76,7 @@ class RunConfig:
     unify: UnifyConfig = field(default_factory=UnifyConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     imports: list[str] = field(default_factory=list)
     """Modules imported before the config is validated, e.g. ["my_pkg.rules"]: they can register rules and
     models (unify_dist.register_rule, register_model) that the rest of the config then names."""
