@@ -47,17 +47,19 @@ from unify_dist.rules import absmax_keys_, absmax_unkeys_
 from unify_dist.collectives import in_chunks, key_chunk, tail_size
 from unify_dist.unifier import Unifier
 
-__all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost"]
+__all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost", "NoiseImages", "stream_rss_child"]
 
 TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "avg_vs_all_reduce": ("<=", 1.10),
     "avg_vs_average_parameters": ("<=", 0.80),
     "absmax_reduce_vs_avg": ("<=", 2.20),
     "train_epoch_vs_plain_loop": (">=", 0.95),
+    "stream_epoch_vs_dataloader": (">=", 0.95),
+    "stream_rss_100n_vs_n": ("<=", 1.05),
 }
-SECTIONS = ("unify", "absmax_memory", "diagnosis", "scaling", "collective_cost", "epoch")
-FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3)
-QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1)
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "scaling", "collective_cost", "epoch", "stream")
+FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
+QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
 
 # ---------------------------------------------------------------- options
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-repeats", type=int, default=None, help="timed epochs per loop (default 3; quick 1)")
     p.add_argument("--data-root", default=None, help="holds FashionMNIST/raw (default UNIFY_DIST_DATA_ROOT, else data)")
     p.add_argument("--skip-epoch", action="store_true", help="leave out the local epoch section")
+    p.add_argument("--stream-items", type=int, default=None,
+                   help="N for the streamed epoch's memory at N, 10N, 100N generated items (default 1000; quick 64)")
+    p.add_argument("--skip-stream", action="store_true", help="leave out the streamed epoch section")
     return p
 
 
@@ -101,7 +106,7 @@ def _settings(argv: list[str]) -> argparse.Namespace:
     args.sizes = _ints(args.sizes, "--sizes")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     problems = [f"unknown model '{m}' (known: {', '.join(MODELS)})" for m in args.models if m not in MODELS]
-    counts = ("repeats", "epoch_images", "epoch_repeats", "chunk_elements")
+    counts = ("repeats", "epoch_images", "epoch_repeats", "chunk_elements", "stream_items")
     problems += [f"--{k.replace('_', '-')} must be >= 1" for k in counts if getattr(args, k) < 1]
     if min(args.owners + args.scaling_owners) < 2:
         problems.append("owner counts must be >= 2: a unify needs two owners")
@@ -436,6 +441,115 @@ def _epoch_section(args: argparse.Namespace) -> dict[str, Any]:
     return {"images": len(data), "images_per_s": med, "rows": rows}
 
 
+# ---------------------------------------------------------------- streamed epoch (Stream through a DataLoader)
+
+
+class NoiseImages(torch.utils.data.Dataset):
+    """`n` seeded noise images made on the fly from the index: a dataset that never exists in memory."""
+
+    def __init__(self, n: int, shape: tuple[int, ...] = (1, 28, 28), classes: int = 10):
+        self.n, self.shape, self.classes = n, shape, classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(self.shape, generator=g), i % self.classes
+
+
+def _stream_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The streamed path against the DataLoader loop anyone would write, and its memory at N, 10N, 100N items."""
+    rate = _stream_throughput(args.epoch_images, args.epoch_repeats)
+    n = args.stream_items
+    memory = [_stream_rss_in_fresh_process(k * n) for k in (1, 10, 100)]
+    rows = [
+        _ratio_row("stream", "paper_cnn bs 64", 1, args.epoch_images, "streamed train_epoch img/s", rate["stream"],
+                   "plain DataLoader loop img/s", rate["dataloader"], "stream_epoch_vs_dataloader"),
+        _ratio_row("stream", "mlp bs 64, epoch peak RSS", 1, 100 * n, f"{100 * n:,} items MiB",
+                   _epoch_peak(memory[2]) / 2**20, f"{n:,} items MiB", _epoch_peak(memory[0]) / 2**20,
+                   "stream_rss_100n_vs_n"),
+    ]  # fmt: skip
+    return {"images": args.epoch_images, "images_per_s": rate, "memory": memory, "rows": rows}
+
+
+def _epoch_peak(m: dict[str, Any]) -> int:
+    return m["epoch_peak_rss_bytes"] if m["epoch_peak_rss_bytes"] is not None else m["maxrss_bytes"]
+
+
+def _stream_throughput(images: int, repeats: int) -> dict[str, float]:
+    """Images per second of train_epoch over a Stream and of a plain DataLoader loop, same items and model."""
+    from torch.utils.data import DataLoader
+
+    from unify_dist.data import Stream
+
+    torch.set_num_threads(1)
+    ds = NoiseImages(images)
+    torch.manual_seed(0)
+    start = build_model(ModelConfig(name="paper_cnn"), 1, 10, 28)
+    loops = {
+        "stream": lambda m, o, e: train_epoch(m, o, Stream(ds), 64, epoch_generator(0, 0, 0, e)),
+        "dataloader": lambda m, o, e: _loader_loop(
+            m, o, DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(e))),
+    }  # fmt: skip
+    rates: dict[str, list[float]] = {k: [] for k in loops}
+    for epoch in range(1 + repeats):  # epoch 0 is warm-up; loops interleaved per epoch
+        for name, loop in loops.items():
+            model = copy.deepcopy(start)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            t0 = time.perf_counter()
+            loop(model, opt, epoch)
+            if epoch:
+                rates[name].append(images / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _stream_rss_in_fresh_process(items: int) -> dict[str, Any]:
+    """Run one streamed epoch over `items` generated images in a new interpreter; its peak RSS, untouched by ours."""
+    import subprocess
+
+    code = f"from benchmarks.bench import stream_rss_child; stream_rss_child({items})"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"streamed epoch over {items} items failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stream_rss_child(items: int) -> None:
+    """In a fresh process: one epoch of the mlp over a Stream of `items` noise images; print its memory as JSON.
+
+    ru_maxrss is the process's lifetime high-water mark (KiB on Linux); importing torch alone can set it,
+    which would hide the epoch. So the epoch's own peak is also read: VmHWM reset to the current RSS
+    (/proc/self/clear_refs) just before the epoch, read after it (None where Linux's /proc is missing).
+    """
+    import resource
+
+    from unify_dist.data import Stream
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp"), 1, 10, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = Stream(NoiseImages(items))
+    train_epoch(model, opt, data, 64, epoch_generator(0, 0, 0, 0), max_steps=2)  # allocator warm-up
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+        before: int | None = _status_kib("VmRSS") * 1024
+    except (OSError, RuntimeError):
+        before = None
+    t0 = time.perf_counter()
+    train_epoch(model, opt, data, 64, epoch_generator(0, 0, 0, 1))
+    seconds = time.perf_counter() - t0
+    epoch_peak = _status_kib("VmHWM") * 1024 if before is not None else None
+    print(json.dumps({"items": items, "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_before_epoch_bytes": before, "epoch_peak_rss_bytes": epoch_peak,
+                      "epoch_rise_bytes": None if before is None else epoch_peak - before,
+                      "held_in_memory_bytes": items * 28 * 28 * 4, "epoch_s": seconds}))  # fmt: skip
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -454,7 +568,7 @@ def _fmt_bytes(n: int | float | None) -> str:
 
 
 def _value(row: dict[str, Any]) -> tuple[str, str]:
-    if row["section"] == "epoch":
+    if row["section"] in ("epoch", "stream"):
         return f"{row['value']:.0f}", f"{row['baseline_value']:.0f}"
     return _fmt_s(row["value"]), _fmt_s(row["baseline_value"])
 
@@ -467,7 +581,7 @@ def _print(result: dict[str, Any]) -> None:
     main = Table(title="unify-dist bench: ratios against baselines timed in the same run (medians)")
     for col in ("case", "owners", "params", "measured", "value", "baseline", "value ", "ratio", "target", "result"):
         main.add_column(col, justify="right" if col in ("owners", "params", "ratio") else "left")
-    for row in result["unify"] + result["epoch"].get("rows", []):
+    for row in result["unify"] + result["epoch"].get("rows", []) + result["stream"].get("rows", []):
         mark = "" if row["pass"] is None else ("[green]pass[/]" if row["pass"] else "[red]FAIL[/]")
         value, base = _value(row)
         main.add_row(row["case"], str(row["owners"]), f"{row['params']:,}", row["measured"], value, row["baseline"],
@@ -491,6 +605,12 @@ def _print(result: dict[str, Any]) -> None:
                   result["collective_cost"],
                   {"model": str, "owners": str, "rule": str, "impl": str, "collectives": str,
                    "payload_bytes": _fmt_bytes, "sent_bytes": _fmt_bytes})  # fmt: skip
+    _print_simple(console, "streamed epoch memory, a fresh process per size (items generated from the index; "
+                  "maxrss = lifetime peak, epoch peak = VmHWM reset before the epoch)",
+                  result["stream"].get("memory", []),
+                  {"items": "{:,}".format, "maxrss_bytes": _fmt_bytes, "rss_before_epoch_bytes": _fmt_bytes,
+                   "epoch_peak_rss_bytes": _fmt_bytes, "epoch_rise_bytes": _fmt_bytes,
+                   "held_in_memory_bytes": _fmt_bytes, "epoch_s": _fmt_s})  # fmt: skip
 
 
 def _print_simple(console: Any, title: str, rows: list[dict[str, Any]], cols: dict[str, Callable[[Any], str]]) -> None:
@@ -535,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": _scaling_rows([c for r in runs for c in r["scaling"]]),
         "collective_cost": _cost_rows(models, args.chunk_elements),
         "epoch": {} if args.skip_epoch else _epoch_section(args),
+        "stream": {} if args.skip_stream else _stream_section(args),
     }
     _print(result)
     out = Path(args.out)

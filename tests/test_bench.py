@@ -21,14 +21,14 @@ from unify_dist.unifier import Unifier
 
 
 def _ratios(result: dict) -> list[float]:
-    rows = result["unify"] + result["epoch"]["rows"] + result["scaling"] + result["absmax_memory"]
+    rows = result["unify"] + result["epoch"]["rows"] + result["stream"]["rows"] + result["scaling"] + result["absmax_memory"]
     return [r["ratio"] if "ratio" in r else r["ratio_vs_avg"] for r in rows]
 
 
 def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--quick", "--models", "paper_cnn", "--owners", "2", "--scaling-owners", "2",
-            "--sizes", "5000", "--epoch-images", "256", "--out", str(out)]  # fmt: skip
+            "--sizes", "5000", "--epoch-images", "256", "--stream-items", "16", "--out", str(out)]  # fmt: skip
     proc = cli(args, timeout=180, module="benchmarks.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -36,8 +36,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> No
     assert all(result[s] for s in SECTIONS), [s for s in SECTIONS if not result[s]]
     ratios = _ratios(result)
     assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), ratios
-    targeted = [r for r in result["unify"] + result["epoch"]["rows"] if r["target"]]
-    assert len(targeted) == 4 and all(isinstance(r["pass"], bool) for r in targeted)
+    targeted = [r for r in result["unify"] + result["epoch"]["rows"] + result["stream"]["rows"] if r["target"]]
+    assert len(targeted) == 6 and all(isinstance(r["pass"], bool) for r in targeted)
+    assert [m["items"] for m in result["stream"]["memory"]] == [16, 160, 1600]  # N, 10N, 100N, each in its own process
     assert {r["impl"] for r in result["absmax_memory"]} == {"avg", "absmax_reduce", "absmax_gather"}
     assert "avg unify" in proc.stdout and "average_parameters" in proc.stdout  # the table was printed
 

@@ -35,6 +35,8 @@ from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.collectives import tail_size, verify_identical
+from unify_dist.trust import SealedRing
+from unify_dist.trust.session import describe, join
 
 __all__ = ["run", "load_data"]
 
@@ -46,6 +48,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     torch.manual_seed(cfg.train.seed)
     _announce(cfg, ctx, out)
+    reducer = _admit(cfg, ctx, out)  # collective with trust on: before any data-derived byte leaves
     for hook in hooks:
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
@@ -58,6 +61,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
+    state.unifier.core.reducer = reducer  # None: gloo's collectives; trust on: the sealed ring
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     start = _resume(cfg, ctx, ckpt, state, members, out)
@@ -82,7 +86,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             state.reset_optimizer()
 
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
-        record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome)
+        record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
         _name_owners(record, members, state.records)
         state.records.append(record)
         out.round_row(record)
@@ -114,6 +118,38 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
+
+
+def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
+    """trust on: admission (a collective), and the sealed ring every unify and metrics gather goes through.
+
+    Says which mode is in force; with trust off and owners on several machines, what that means.
+    """
+    if not cfg.trust.enabled:
+        out.info("trust: off: no admission, and unify traffic (weights, metrics) crosses the network in the clear")
+        if ctx.local_world_size < ctx.world_size:  # torchrun: fewer owners here than in the group
+            out.warn(
+                "owners are on several machines with trust off: anyone who reaches the rendezvous port can take an "
+                "owner's place, and anyone on the path can read and change every owner's weights; set [trust]"
+            )
+        return None
+    unsealed = [what for what, on in (("train.scaffold", cfg.train.scaffold), ("unify.rule = auto", cfg.unify.rule == "auto")) if on]
+    if unsealed:
+        raise UserError(f"trust.enabled does not seal the collectives of {' and '.join(unsealed)} yet; turn them off or trust off")
+    t = cfg.trust
+    reducer = join(t.roster, t.key, t.owner, f"{cfg.name}|{cfg.output.dir}|{ctx.world_size}", ctx)  # collective
+    out.info(describe(reducer.admission))
+    return reducer
+
+
+def _gather_figures(values: list[float], ctx: Context, reducer: SealedRing | None) -> list[list[float]]:
+    """Every owner's figures on every rank: gloo's all_gather, or sealed through the ring (trust on)."""
+    if reducer is None:
+        return all_gather_floats(values, ctx)
+    mine = torch.tensor(values, dtype=torch.float64)
+    out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    reducer.all_gather(out, mine)
+    return [t.tolist() for t in out]
 
 
 def load_data(cfg: RunConfig, ctx: Context, members: Membership) -> OwnerData:
@@ -260,7 +296,7 @@ def _name_owners(record: dict[str, Any], members: Membership, records: list[dict
 
 
 def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: OwnerData, round_: int, loss: float,
-                      local: list[Any], candidates: list[float], outcome) -> dict[str, Any]:  # fmt: skip
+                      local: list[Any], candidates: list[float], outcome, reducer: SealedRing | None) -> dict[str, Any]:  # fmt: skip
     """Evaluate the unified model on this owner's data, gather every owner's figures, build the record."""
     unified_val = count_correct(model, data.val)
     unified_pc = per_class_correct(model, data.test, data.num_classes)
@@ -268,7 +304,7 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     mine = [len(data.train), loss, *local_val, *unified_val, outcome.seconds, *candidates]
     mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
     with stage(f"metrics gather in round {round_}", ctx):
-        gathered = all_gather_floats([*mine, outcome.bytes_sent], ctx)  # collective: the same figures on every rank
+        gathered = _gather_figures([*mine, outcome.bytes_sent], ctx, reducer)  # collective: the same figures everywhere
     digests = [outcome.digest] * ctx.world_size  # verified equal on every rank by unify
     record = _record(cfg, round_, [row[:-1] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
