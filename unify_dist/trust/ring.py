@@ -36,7 +36,7 @@ class SealedRing:
     """
 
     def __init__(self, admission: Admission, group: dist.ProcessGroup | None = None, segment_bytes: int = SEGMENT_BYTES):
-        self.group, self.segment_bytes = group, segment_bytes
+        self.group, self.segment_bytes, self.admission = group, segment_bytes, admission
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.links = {p: Link(self.rank, p, *keys) for p, keys in admission.link_keys.items()}
         self.pair_secrets = admission.pair_secrets
