@@ -88,7 +88,7 @@ def train_epoch(
         if on_grads is not None:
             on_grads()  # e.g. SCAFFOLD's drift correction, between backward and step
         optimizer.step()
-        total += loss.detach() * len(y)  # stays on device: no sync per batch
+        total.add_(loss.detach(), alpha=len(y))  # one fused op, stays on device: no sync per batch
         if on_batch is not None:
             on_batch()
     return float(total) / max(end, 1)  # one host sync per epoch
