@@ -9,7 +9,8 @@ The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here
   gather              the owners' values gathered chunk by chunk, and the pure reference applied:
                       extra memory owners x chunk_elements. Any registered rule runs this way.
 
-Non-finite weights are caught before anything is combined. Each owner checks its own values; a sick
+Non-finite weights are caught before anything is combined. Each owner checks its own values (on the sum
+paths, in the same cache-sized pass that scales them: see Collective._scale_and_check); a sick
 owner contributes the path's neutral element (0 with weight 0 for sums, -inf for MAX: never a zero,
 which would corrupt max; -0.0, the smallest key, for absmax) and raises its flag in the buffer's tail,
 which rides in the same collective. So the health check costs no extra round trip, and with
@@ -40,8 +41,9 @@ __all__ = [
 
 
 def key_chunk(device: torch.device) -> int:
-    """Elements per step of absmax's key transform: on a CPU 256 KiB of int32, so each step's passes stay
-    in L2; elsewhere (GPUs) 64 MiB, since each op of a step is a kernel launch."""
+    """Elements per step of a chunked local pass (absmax's key transform, the sum paths' check and scale):
+    on a CPU 256 KiB of 32-bit values, so each step's passes stay in L2; elsewhere (GPUs) 64 MiB, since
+    each op of a step is a kernel launch."""
     return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
@@ -92,12 +94,18 @@ class Collective:
             return "gather"
         return spec.collective
 
-    def reduce(self, spec: RuleSpec, combine: Callable[[Tensor, Tensor], Tensor], weight: float, sick: bool) -> list[float]:
+    def reduce(self, spec: RuleSpec, combine: Callable[[Tensor, Tensor], Tensor], weight: float, sick: bool | None) -> list[float]:
         """The collective: every owner's values become the rule's result. Returns each owner's sick flag.
 
-        `combine` is the reference (stacked, weights) -> unified, used by the gather path only.
+        `combine` is the reference (stacked, weights) -> unified, used by the gather path only. `sick`
+        None: this owner's values are unchecked, and the core checks them (the sum paths in the pass that
+        scales them); `sick_tensor` then names what it found.
         """
         path = self.path(spec)
+        self.sick_tensor: str | None = None
+        if sick is None and path not in ("sum", "weighted_sum"):
+            self.sick_tensor = self.find_nonfinite()  # host sync
+            sick = self.sick_tensor is not None
         if path in ("sum", "weighted_sum"):
             flags = self._sum(weight if path == "weighted_sum" else 1.0, sick)
         elif path == "max":
@@ -133,8 +141,29 @@ class Collective:
         # One reduction instead of a full isfinite mask: NaN/Inf anywhere makes the sum non-finite.
         if torch.isfinite(values.sum()):  # host sync
             return None
-        bad = (~torch.isfinite(values)).nonzero()
-        return self.flat.slot_of(int(bad[0])) if bad.numel() else None  # empty: the sum merely overflowed
+        return self._name_nonfinite()
+
+    def _name_nonfinite(self) -> str | None:
+        """The tensor holding this owner's first NaN/Inf; None if there is none (a sum merely overflowed)."""
+        bad = (~torch.isfinite(self.flat.values)).nonzero()
+        return self.flat.slot_of(int(bad[0])) if bad.numel() else None
+
+    def _scale_and_check(self, scale: float) -> bool:
+        """values *= scale, and whether their sum (before scaling) is finite: one trip through memory.
+
+        In key_chunk() steps, each step summed, then scaled while it is still in cache, so the check
+        costs no read of its own from memory (a whole-buffer sum, then a whole-buffer multiply, makes
+        two trips: avg's unify was 1.19x one bare all_reduce of resnet18 that way). NaN/Inf anywhere
+        makes its step's sum non-finite; the scaled values keep every NaN/Inf where it was.
+        """
+        values = self.flat.values
+        step, sums = key_chunk(values.device), []
+        for start in range(0, values.numel(), step):
+            piece = values[start : start + step]
+            sums.append(piece.sum())
+            if scale != 1.0:
+                piece.mul_(scale)
+        return not sums or bool(torch.isfinite(torch.stack(sums).sum()))  # host sync
 
     def _reset_tail(self, tail: Tensor, sick: bool, neutral: float = 0.0) -> None:
         """Flags to zero (this owner's to 1 if sick); integer buffers into this owner's row of the tail.
@@ -160,8 +189,14 @@ class Collective:
         rows = tail[first : first + 2 * k * self.world].view(self.world, 2, k).to(torch.int64)
         self.flat.ints.copy_((rows[:, 0] * (1 << 24) + rows[:, 1]).amax(0))
 
-    def _sum(self, weight: float, sick: bool) -> list[float]:
-        """Weighted mean over healthy owners: one all_reduce SUM of (weight * values, flags, weight).
+    def _sum(self, weight: float, sick: bool | None) -> list[float]:
+        """Weighted mean over healthy owners: one all_reduce SUM of (weight / W * values, flags, weight).
+
+        Each owner sends its share as if every owner weighed 1 (weight / W, W owners), so for avg with
+        every owner healthy the SUM is the mean and no pass follows the collective; otherwise the result
+        is scaled by W / (the healthy owners' total weight). Unchecked values (sick None) are checked in
+        the same cache-sized pass that scales them. Every rank does the same arithmetic on the same sum,
+        so the weights stay bit-identical.
 
         Raises ValueError on every rank (the verdict rides in the same collective, so no owner is left
         waiting) when an owner's weight is negative or not finite, or when the healthy owners' weights
@@ -169,14 +204,20 @@ class Collective:
         model. The values then hold the raw sum; the caller must not use them.
         """
         values, tail = self.flat.values, self.flat.tail
-        bad_weight = not sick and not 0 <= weight < float("inf")  # NaN fails both comparisons
+        bad_weight = not 0 <= weight < float("inf")  # NaN fails both comparisons
+        share = 1.0 if bad_weight else weight / self.world  # bad: zeroed below, never scaled
+        if sick is None:
+            finite = self._scale_and_check(share)  # host sync; the values leave it scaled
+            self.sick_tensor = None if finite else self._name_nonfinite()
+            sick = self.sick_tensor is not None
+        elif not sick and share != 1.0:
+            values.mul_(share)
+        bad_weight = bad_weight and not sick
         self._reset_tail(tail, sick or bad_weight)
         if sick or bad_weight:
             values.zero_()
             tail[self.rank] = 2.0 if bad_weight else 1.0  # flag 2: a misused weight, not a sick owner
         else:
-            if weight != 1.0:
-                values.mul_(weight)
             tail[self.world] = weight
         self._all_reduce(self.flat.buffer, dist.ReduceOp.SUM)
         flags = tail[: self.world + 1].tolist()  # host sync: the divisor is the healthy owners' total weight
@@ -191,10 +232,9 @@ class Collective:
                 "the healthy owners' unify weights sum to 0, so their weighted mean is undefined; give at "
                 "least one owner a weight > 0 (its training sample count), or use an unweighted rule such as avg"
             )
-        # times the reciprocal: twice as fast as a division here, within one rounding of it (exact for 2, 4, ...
-        # owners), and every rank does the same arithmetic, so the weights stay bit-identical
-        if flags[self.world] > 0:  # 0: every owner is sick, and the Unifier raises
-            values.mul_(1.0 / flags[self.world])
+        # 0: every owner is sick, and the Unifier raises; W: avg with everyone healthy, already the mean
+        if flags[self.world] > 0 and flags[self.world] != self.world:
+            values.mul_(self.world / flags[self.world])
         self._unpack_ints(tail)
         return flags
 

@@ -167,7 +167,11 @@ class Unifier:
         t0 = time.perf_counter()
         self.core.bytes_sent = 0
 
-        sick_tensor = self.core.find_nonfinite()  # 1. host sync
+        # 1. with nothing to do before the collective, the core checks (the sum paths in the pass that
+        # scales the values: one trip through memory); else this owner checks first, here
+        local_work = (self.space is not None and (delta or bool(self.owner_steps))) or spec.owner_step is not None
+        checked = local_work or self.compress is not None
+        sick_tensor = self.core.find_nonfinite() if checked else None  # host sync
         if sick_tensor is None:
             self._owner_side(values, delta, commit)  # 2.
             if spec.owner_step is not None:
@@ -176,7 +180,8 @@ class Unifier:
         if self.compress is not None:
             flags = self.core.compressed_sum(spec, self.compress, weight, sick_tensor is not None, commit)  # 3. collective
         else:
-            flags = self.core.reduce(spec, combine, weight, sick_tensor is not None)  # 3. collective
+            flags = self.core.reduce(spec, combine, weight, sick_tensor is not None if checked else None)  # 3. collective
+            sick_tensor = sick_tensor if checked else self.core.sick_tensor
         sick = [r for r in range(self.core.world) if flags[r] > 0]
         if sick and self.cfg.nonfinite == "fail":
             mine = f"owner {self.rank} has non-finite weights in '{sick_tensor}'" if sick_tensor else None
