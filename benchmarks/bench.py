@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unify_dist.config import ModelConfig, UnifyConfig
+from unify_dist.config import COMPRESS_MODES as _MODES, ModelConfig, UnifyConfig
 from unify_dist.data import TORCHVISION_SETS, Split
 from unify_dist.app.cli import say
 from unify_dist.errors import UserError
@@ -46,6 +47,8 @@ from unify_dist.train import epoch_generator, train_epoch
 from unify_dist.rules import absmax_keys_, absmax_unkeys_
 from unify_dist.collectives import in_chunks, key_chunk, tail_size
 from unify_dist.unifier import Unifier
+
+COMPRESS_MODES = tuple(m for m in _MODES if m != "none")
 
 __all__ = ["main", "build_parser", "peak_extra_bytes", "collective_cost", "NoiseImages", "stream_rss_child"]
 
@@ -57,7 +60,7 @@ TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "stream_epoch_vs_dataloader": (">=", 0.95),
     "stream_rss_100n_vs_n": ("<=", 1.05),
 }
-SECTIONS = ("unify", "absmax_memory", "diagnosis", "scaling", "collective_cost", "epoch", "stream")
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream")
 FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
 QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
@@ -219,21 +222,29 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     same_bytes = torch.zeros(n)  # zeros: float adds cost the same for any finite non-denormal value
     keys = flat.values.clone().view(torch.int32)  # absmax's payload: n int32 keys
     key_scratch = torch.empty(min(key_chunk(torch.device("cpu")), n), dtype=torch.int32)  # as unify's
-    fast.unify(rule="avg")  # gloo's first collective of a size sets up buffers: not what is measured below
+    # verify=False: the digest check is the round loop's proof, not unify's work (UnifyOutcome.seconds leaves it out)
+    fast.unify(rule="avg", verify=False)  # gloo's first collective of a size sets up buffers: not what is measured
     memory = {  # first calls, smallest expected first; each measured from a reset peak
-        "avg": peak_extra_bytes(lambda: fast.unify(rule="avg")),
-        "absmax_gather": peak_extra_bytes(lambda: gather.unify(rule="absmax")),
-        "absmax_reduce": peak_extra_bytes(lambda: fast.unify(rule="absmax")),
+        "avg": peak_extra_bytes(lambda: fast.unify(rule="avg", verify=False)),
+        "absmax_gather": peak_extra_bytes(lambda: gather.unify(rule="absmax", verify=False)),
+        "absmax_reduce": peak_extra_bytes(lambda: fast.unify(rule="absmax", verify=False)),
     }
+    compressed = {mode: Unifier.over(flat, UnifyConfig(compress=mode)) for mode in COMPRESS_MODES}
+    sent = {"none": fast.unify(rule="avg", verify=False).bytes_sent}
+    sent |= {mode: u.unify(verify=False).bytes_sent for mode, u in compressed.items()}
+    halving = itertools.cycle([0.5, 2.0])  # exact both ways, so the values keep their magnitude
     ops = {
         "all_reduce": lambda: dist.all_reduce(same_bytes),
-        "avg": lambda: fast.unify(rule="avg"),
+        "avg": lambda: fast.unify(rule="avg", verify=False),
         "average_parameters": lambda: average_parameters(iter(twin), None),
-        "absmax_reduce": lambda: fast.unify(rule="absmax"),
-        "absmax_gather": lambda: gather.unify(rule="absmax"),
-        # the pieces of avg besides its all_reduce, to explain a ratio above target
+        "absmax_reduce": lambda: fast.unify(rule="absmax", verify=False),
+        "absmax_gather": lambda: gather.unify(rule="absmax", verify=False),
+        **{f"avg_{mode}": (lambda u=u: u.unify(verify=False)) for mode, u in compressed.items()},
+        # the pieces of avg besides its all_reduce, to explain a ratio above target: its one local pass
+        # (check and scale in cache-sized steps), and the two whole-buffer passes that pass replaced
+        "check_and_scale": lambda: fast.core._scale_and_check(next(halving)),
         "nonfinite_check": lambda: bool(torch.isfinite(flat.values.sum())),
-        "divide": lambda: flat.values.mul_(1.0),  # as unify does it: times the reciprocal
+        "divide": lambda: flat.values.mul_(1.0),
         "ints_all_reduce": lambda: dist.all_reduce(flat.ints, dist.ReduceOp.MAX) if flat.ints.numel() else None,
         # and of absmax: its MAX all_reduce over n int32 keys, and the key transform out and back
         "max_all_reduce_keys": lambda: dist.all_reduce(keys, dist.ReduceOp.MAX),
@@ -242,7 +253,7 @@ def _model_case(name: str, world: int, args: argparse.Namespace) -> dict[str, An
     times = time_ops(ops, args.repeats, args.warmup)
     peak = torch.tensor([-1 if v is None else v for v in memory.values()], dtype=torch.float64)
     dist.all_reduce(peak, dist.ReduceOp.MAX)  # the hungriest owner
-    return {"model": name, "owners": world, "params": n, "ints": flat.ints.numel(), "times": times,
+    return {"model": name, "owners": world, "params": n, "ints": flat.ints.numel(), "times": times, "sent_bytes": sent,
             "peak_extra_bytes": {k: (None if v < 0 else int(v)) for k, v in zip(memory, peak.tolist())},
             "scratch_bytes": {"avg": 0, "absmax_reduce": key_scratch.nbytes,
                               "absmax_gather": 4 * world * min(args.chunk_elements, n)}}  # fmt: skip
@@ -261,7 +272,7 @@ def _scaling_case(size: int, world: int, args: argparse.Namespace) -> dict[str, 
     flat = FlatState(_Flat(size), tail=tail_size(world))
     fast = Unifier.over(flat, UnifyConfig())
     same_bytes = torch.zeros(size)
-    times = time_ops({"all_reduce": lambda: dist.all_reduce(same_bytes), "avg": lambda: fast.unify(rule="avg")},
+    times = time_ops({"all_reduce": lambda: dist.all_reduce(same_bytes), "avg": lambda: fast.unify(rule="avg", verify=False)},
                      args.repeats, args.warmup)  # fmt: skip
     return {"params": size, "owners": world, "times": times}
 
@@ -335,10 +346,20 @@ def _diagnosis_row(case: dict[str, Any]) -> dict[str, Any]:
     ints = t["ints_all_reduce"] if case["ints"] else 0.0
     return {"model": case["model"], "owners": case["owners"], "params": case["params"], "avg_s": t["avg"],
             "all_reduce_s": t["all_reduce"], "overhead_s": over, "overhead_ratio": t["avg"] / t["all_reduce"],
-            "nonfinite_check_s": t["nonfinite_check"], "divide_s": t["divide"],
-            "ints_all_reduce_s": ints, "rest_s": over - t["nonfinite_check"] - t["divide"] - ints,
+            "check_and_scale_s": t["check_and_scale"], "ints_all_reduce_s": ints,
+            "rest_s": over - t["check_and_scale"] - ints,
+            "replaced_check_s": t["nonfinite_check"], "replaced_scale_s": t["divide"],
             "absmax_s": t["absmax_reduce"], "max_all_reduce_keys_s": t["max_all_reduce_keys"],
             "key_transform_s": t["key_transform"]}  # fmt: skip
+
+
+def _compression_rows(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """unify.compress: bytes this owner sends per avg unify (UnifyOutcome.bytes_sent) and time, against none."""
+    t, sent = case["times"], case["sent_bytes"]
+    return [{"model": case["model"], "owners": case["owners"], "compress": mode, "sent_bytes": sent[mode],
+             "bytes_vs_none": sent[mode] / sent["none"], "time_s": t["avg" if mode == "none" else f"avg_{mode}"],
+             "time_vs_none": t["avg" if mode == "none" else f"avg_{mode}"] / t["avg"]}
+            for mode in ("none", *COMPRESS_MODES)]  # fmt: skip
 
 
 def _scaling_rows(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -594,9 +615,13 @@ def _print(result: dict[str, Any]) -> None:
     _print_simple(console, "where unify's time goes: avg beyond one all_reduce; absmax's all_reduce and key transform",
                   result["diagnosis"],
                   {"model": str, "owners": str, "overhead_ratio": "{:.3f}".format, "all_reduce_s": _fmt_s,
-                   "overhead_s": _fmt_s, "nonfinite_check_s": _fmt_s, "divide_s": _fmt_s,
-                   "ints_all_reduce_s": _fmt_s, "rest_s": _fmt_s, "absmax_s": _fmt_s, "max_all_reduce_keys_s": _fmt_s,
-                   "key_transform_s": _fmt_s})  # fmt: skip
+                   "overhead_s": _fmt_s, "check_and_scale_s": _fmt_s, "ints_all_reduce_s": _fmt_s, "rest_s": _fmt_s,
+                   "replaced_check_s": _fmt_s, "replaced_scale_s": _fmt_s, "absmax_s": _fmt_s,
+                   "max_all_reduce_keys_s": _fmt_s, "key_transform_s": _fmt_s})  # fmt: skip
+    _print_simple(console, "unify.compress: bytes each owner sends per avg unify (ring estimate) and its time",
+                  result["compression"],
+                  {"model": str, "owners": str, "compress": str, "sent_bytes": _fmt_bytes, "bytes_vs_none": "{:.3f}".format,
+                   "time_s": _fmt_s, "time_vs_none": "{:.2f}".format})  # fmt: skip
     _print_simple(console, "growth: avg unify vs parameters and owners (flat model)", result["scaling"],
                   {"params": "{:,}".format, "owners": str, "avg_s": _fmt_s, "all_reduce_s": _fmt_s,
                    "ratio": "{:.2f}".format, "avg_ns_per_param": "{:.2f}".format})  # fmt: skip
@@ -652,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "unify": [row for c in models for row in _unify_rows(c)],
         "absmax_memory": [row for c in models for row in _memory_rows(c)],
         "diagnosis": [_diagnosis_row(c) for c in models],
+        "compression": [row for c in models for row in _compression_rows(c)],
         "scaling": _scaling_rows([c for r in runs for c in r["scaling"]]),
         "collective_cost": _cost_rows(models, args.chunk_elements),
         "epoch": {} if args.skip_epoch else _epoch_section(args),
