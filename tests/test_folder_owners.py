@@ -21,8 +21,10 @@ from unify_dist.errors import UserError
 CLASSES = ["circle", "stripes", "dots"]
 
 
-def make_owner_folder(root: Path, seed: int, per_class: int = 40, side: int = 16, classes: Sequence[str] = tuple(CLASSES),
-                      empty: Sequence[str] = ()) -> None:  # fmt: skip
+def make_owner_folder(
+    root: Path, seed: int, per_class: int = 40, side: int = 16, classes: Sequence[str] = tuple(CLASSES),
+    empty: Sequence[str] = (),
+) -> None:
     """Three visually distinct classes with noise, as PNG files: a small but learnable task.
 
     `classes` picks which of them this owner holds; `empty` names class folders made with no image in them.

@@ -68,6 +68,7 @@ def test_registries_refuse_duplicates_and_config_reads_them() -> None:
         register_partition("halves")(lambda labels, owners, rng, **_: np.array_split(np.arange(len(labels)), owners))
         assert DataConfig(partition="halves").problems() == []  # a registered name is valid at once
         assert [len(p) for p in partition(LABELS, "halves", 2, seed=0)] == [2500, 2500]
-        assert DataConfig(dataset="folder", partition="halves", folder="x").problems()[0].endswith("takes partition 'folder'")
+        mismatch = DataConfig(dataset="folder", partition="halves", folder="x").problems()
+        assert mismatch[0].endswith("takes partition 'folder'")
     finally:
         PARTITIONS.pop("halves", None)

@@ -3,7 +3,6 @@ resumed after round 2 ends with the digest of an uninterrupted run."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -39,7 +38,8 @@ def _model() -> nn.Module:
 def _train(data: Split | Stream, epochs: int = 2, max_steps: int = 0) -> tuple[nn.Module, list[float]]:
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = [train_epoch(model, opt, data, 16, epoch_generator(7, 1, 0, e), max_steps=max_steps) for e in range(epochs)]
+    gens = [epoch_generator(7, 1, 0, e) for e in range(epochs)]
+    losses = [train_epoch(model, opt, data, 16, g, max_steps=max_steps) for g in gens]
     return model, losses
 
 

@@ -53,6 +53,10 @@ __all__ = [
     "TORCHVISION_SETS",
 ]
 
+Batches = Iterator[tuple[Tensor, Tensor]]
+Group = dist.ProcessGroup | None
+Rng = np.random.Generator
+
 # name -> (torchvision class, folder under root, channels, side, classes, per-channel mean, std)
 TORCHVISION_SETS = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST", 1, 28, 10, (0.2860,), (0.3530,)),
@@ -121,7 +125,7 @@ class Split:
     def labels(self) -> Tensor:
         return self.y
 
-    def batches(self, order: Tensor | None, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, order: Tensor | None, batch_size: int, generator: torch.Generator | None = None) -> Batches:
         """(inputs, labels) batches in `order` (None: as stored); `generator` is unused (nothing random here)."""
         if order is None:
             for start in range(0, len(self), batch_size):
@@ -172,17 +176,16 @@ class Stream:
             self._labels = found.to(device=self.device, dtype=torch.int64)
         return self._labels
 
-    def batches(self, order: Tensor | None, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, order: Tensor | None, batch_size: int, generator: torch.Generator | None = None) -> Batches:
         """(inputs, labels) batches on the device, in `order` (None: as stored).
 
         `generator` seeds the loader's worker processes (torch draws their base seed from it), so the
         same generator gives the same worker seeds; the global RNG is left alone.
         """
         sampler = None if order is None else _InOrder(order)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
-            pin_memory=self.pin_memory, generator=generator if generator is not None else torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        seeds = generator if generator is not None else torch.Generator().manual_seed(0)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=sampler,
+                                             num_workers=self.workers, pin_memory=self.pin_memory, generator=seeds)
         for x, y in loader:
             yield (x.to(self.device, non_blocking=self.pin_memory),
                    torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=self.pin_memory))  # fmt: skip
@@ -298,8 +301,14 @@ def register_partition(name: str, *, owner_held: bool = False, owners_at_most_cl
     return wrap
 
 
-def register_dataset(name: str, *, prepare: Callable[[DataConfig], None] | None = None, num_classes: int | None = None,
-                     owner_held: bool = False, problems: Callable[[DataConfig], list[str]] | None = None) -> Callable:  # fmt: skip
+def register_dataset(
+    name: str,
+    *,
+    prepare: Callable[[DataConfig], None] | None = None,
+    num_classes: int | None = None,
+    owner_held: bool = False,
+    problems: Callable[[DataConfig], list[str]] | None = None,
+) -> Callable:
     """Register a dataset loader under `name` (a decorator); a second one with the same name raises ValueError.
 
     The loader is called as load(cfg, owner, device, group) and returns OwnerData. For data that lives
@@ -336,7 +345,7 @@ def _iid(labels: np.ndarray, owners: int, rng: np.random.Generator, **_: object)
 
 
 @register_partition("label_split", owners_at_most_classes=True)
-def _label_split(labels: np.ndarray, owners: int, rng: np.random.Generator, *, num_classes: int, **_: object) -> list[np.ndarray]:
+def _label_split(labels: np.ndarray, owners: int, rng: Rng, *, num_classes: int, **_: object) -> list[np.ndarray]:
     """Owner i gets the i-th contiguous block of classes (2 owners: 0-4 and 5-9, the H-environment)."""
     if owners > num_classes:
         raise UserError(
@@ -348,7 +357,9 @@ def _label_split(labels: np.ndarray, owners: int, rng: np.random.Generator, *, n
 
 
 @register_partition("dirichlet")
-def _dirichlet(labels: np.ndarray, owners: int, rng: np.random.Generator, *, alpha: float, num_classes: int, **_: object) -> list[np.ndarray]:
+def _dirichlet(
+    labels: np.ndarray, owners: int, rng: Rng, *, alpha: float, num_classes: int, **_: object
+) -> list[np.ndarray]:
     """Per class, shares drawn from Dirichlet(alpha); redrawn (deterministically) until every owner has
     at least 10 samples."""
     for _ in range(1000):
@@ -397,7 +408,7 @@ def prepare_dataset(cfg: DataConfig) -> None:
         prepare(cfg)
 
 
-def load_owner_data(cfg: DataConfig, owner: Owner, device: torch.device, group: dist.ProcessGroup | None = None) -> OwnerData:
+def load_owner_data(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None) -> OwnerData:
     """This owner's train/val data and test shard: from `data.factory` when set, else the named dataset.
 
     Every owner must call it: owner-held datasets agree on their class list with a collective on `group`.
@@ -452,7 +463,7 @@ def _own_share(indices: np.ndarray, cfg: DataConfig, seed: int) -> tuple[np.ndar
     return idx[n_val:], idx[:n_val]
 
 
-def _load_torchvision(name: str, cfg: DataConfig, owner: Owner, device: torch.device, group: object = None) -> OwnerData:
+def _load_torchvision(name: str, cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None) -> OwnerData:
     """This owner's partition share of a torchvision set, and its shard of the test set, as tensors on `device`."""
     _, _, _, _, n_classes, mean, std = TORCHVISION_SETS[name]
     x, y = _read_torchvision(cfg, train=True)
@@ -472,7 +483,8 @@ def _load_torchvision(name: str, cfg: DataConfig, owner: Owner, device: torch.de
 
 
 for _name, _row in TORCHVISION_SETS.items():
-    register_dataset(_name, prepare=_prepare_torchvision, num_classes=_row[4])(functools.partial(_load_torchvision, _name))
+    _load = functools.partial(_load_torchvision, _name)
+    register_dataset(_name, prepare=_prepare_torchvision, num_classes=_row[4])(_load)
 
 
 # ---------------------------------------------------------------- owner-held image folders
@@ -512,7 +524,7 @@ def _folder_classes(path: Path, rank: int, spec: str) -> list[str] | str:
 
 
 @register_dataset("folder", owner_held=True, problems=_folder_problems)
-def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: dist.ProcessGroup | None = None) -> OwnerData:
+def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None) -> OwnerData:
     """An owner's own folder tree (class-named subfolders), its test shard a held-out part of it.
 
     Owners may hold different classes: the class list is the sorted union of every owner's folder
@@ -523,7 +535,8 @@ def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: dis
     classes = union_classes(_folder_classes(path, owner.rank, cfg.folder), group)
     samples = [(f, i) for i, c in enumerate(classes) for f in _images_in(path / c)]
     if not samples:
-        raise UserError(f"owner {owner.rank}'s folder '{path}' has no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        raise UserError(f"owner {owner.rank}'s folder '{path}' has no images ({kinds}) in its class folders")
     x = torch.stack([_decode(f, cfg) for f, _ in samples])  # decoded once, at load time
     y = torch.as_tensor([c for _, c in samples], dtype=torch.int64)
     order = np.random.default_rng(owner.seed + owner.share[0]).permutation(len(y))
@@ -554,7 +567,8 @@ def _decode(file: Path, cfg: DataConfig) -> Tensor:
     from PIL import Image
 
     with Image.open(file) as image:
-        image = image.convert("L" if cfg.channels == 1 else "RGB").resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+        image = image.convert("L" if cfg.channels == 1 else "RGB")
+        image = image.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
         pixels = torch.as_tensor(np.asarray(image))
     return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
 
@@ -570,8 +584,9 @@ def load_factory(spec: str, owner: Owner) -> Callable[[Owner], OwnerDatasets]:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ModuleNotFoundError, or whatever the module raises while importing
-        raise UserError(f"{where}: cannot import module '{module_name}' ({type(e).__name__}: {_first_line(e)}); "
-                        "put its folder on PYTHONPATH (or install it) and write 'module.path:function'") from None  # fmt: skip
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise UserError(f"{where}: cannot import module '{module_name}' ({why}); "
+                        "put its folder on PYTHONPATH (or install it) and write 'module.path:function'") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"{where}: module '{module_name}' has no function '{attr}'; "
@@ -593,7 +608,8 @@ def _from_factory(cfg: DataConfig, owner: Owner, device: torch.device) -> OwnerD
     except UserError:
         raise
     except Exception as e:  # the owner's own code failed: one line, and every owner stops together
-        raise UserError(f"{where} failed on owner {owner.rank} ({type(e).__name__}: {_first_line(e)}); fix the factory") from None
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise UserError(f"{where} failed on owner {owner.rank} ({why}); fix the factory") from None
     _check_made(made, where)
 
     def hold(ds: torch.utils.data.Dataset) -> Split | Stream:
@@ -617,7 +633,8 @@ def _small_tensor_dataset(ds: object) -> bool:
 
 
 def _check_made(made: object, where: str) -> None:
-    fix = "return unify_dist.data.OwnerDatasets(train, val, test, classes) with torch Datasets and a list of class names"
+    fix = ("return unify_dist.data.OwnerDatasets(train, val, test, classes) "
+           "with torch Datasets and a list of class names")
     if not isinstance(made, OwnerDatasets):
         raise UserError(f"{where} returned {type(made).__name__}; {fix}")
     for part in ("train", "val", "test"):
@@ -633,10 +650,14 @@ def _check_made(made: object, where: str) -> None:
 def _check_item(ds: torch.utils.data.Dataset, where: str) -> None:
     """The first training item must be (input tensor, class index), or training fails obscurely later."""
     item = ds[0]
-    ok = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Tensor)
-    label = item[1] if ok else None
-    if ok and not (isinstance(label, (int, np.integer)) or (isinstance(label, Tensor) and label.numel() == 1 and not label.is_floating_point())):
-        ok = False
-    if not ok:
-        shown = type(item).__name__ if not isinstance(item, (tuple, list)) else "(" + ", ".join(type(v).__name__ for v in item) + ")"
+    pair = isinstance(item, (tuple, list)) and len(item) == 2
+    if not (pair and isinstance(item[0], Tensor) and _is_class_index(item[1])):
+        parts = item if isinstance(item, (tuple, list)) else (item,)
+        shown = "(" + ", ".join(type(v).__name__ for v in parts) + ")"
         raise UserError(f"{where}: a train item is {shown}; each item must be (input tensor, class index int)")
+
+
+def _is_class_index(label: object) -> bool:
+    if isinstance(label, Tensor):
+        return label.numel() == 1 and not label.is_floating_point()
+    return isinstance(label, (int, np.integer)) and not isinstance(label, bool)

@@ -17,7 +17,10 @@ from torch import Tensor, nn
 from unify_dist.config import TrainConfig
 from unify_dist.data import Split, Stream
 
-__all__ = ["make_optimizer", "round_lr", "set_lr", "absent_class_scale", "train_epoch", "count_correct", "per_class_correct", "epoch_generator"]
+__all__ = [
+    "make_optimizer", "round_lr", "set_lr", "absent_class_scale", "train_epoch", "count_correct", "per_class_correct",
+    "epoch_generator",
+]  # fmt: skip
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
