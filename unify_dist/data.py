@@ -569,7 +569,7 @@ def _decode(file: Path, cfg: DataConfig) -> Tensor:
     with Image.open(file) as image:
         image = image.convert("L" if cfg.channels == 1 else "RGB")
         image = image.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
-        pixels = torch.as_tensor(np.asarray(image))
+        pixels = torch.from_numpy(np.array(image))  # a copy: PIL hands out read-only buffers
     return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
 
 
