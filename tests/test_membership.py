@@ -1,0 +1,157 @@
+"""Owners that leave and come back, with real torchrun agents (one owner each) meeting at a c10d endpoint.
+
+An owner is killed for good in round 2: the other two carry on. It comes back later under the same name
+and rejoins. Every round's record names who took part, no round is counted twice, digests agree, and a
+replay of the same membership history (plain fixed-size runs, one per stretch of equal membership)
+ends with the same final digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.world import free_port
+
+OWNERS = ["ana", "ben", "cai"]
+RUN = [
+    "train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=600", "--set", "data.test_size=300",
+    "--set", "train.local_epochs=2", "--set", f"train.owners={json.dumps(OWNERS)}", "--set", "train.min_owners=2",
+    "--set", "output.progress=false", "--set", "dist.timeout_s=30",
+]  # fmt: skip
+
+
+def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_id: str) -> subprocess.Popen:
+    """One owner's torchrun agent, logging to a file beside the run directory."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}", "--max-restarts=3",
+        "--monitor-interval=0.2", "--rdzv-conf=last_call_timeout=4",
+        "-m", "unify_dist", *RUN, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={run_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFY_DIST_OWNER": name, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    log = open(run_dir.parent / f"{run_dir.name}_{name}_{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [root], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait(condition, procs: list[subprocess.Popen], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert all(p.poll() is None for p in procs), f"an agent ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {limit_s}s"
+        time.sleep(0.05)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _stretches(records: list[dict]) -> list[tuple[list[str], int]]:
+    """The membership history: (owners, last round) for each run of rounds with the same participants."""
+    out: list[tuple[list[str], int]] = []
+    for r in records:
+        if out and out[-1][0] == r["participants"]:
+            out[-1] = (out[-1][0], r["round"])
+        else:
+            out.append((r["participants"], r["round"]))
+    return out
+
+
+def _logs(tmp: Path) -> str:
+    return "\n".join(p.read_text()[-1500:] for p in sorted(tmp.glob("*.log")))
+
+
+@pytest.mark.slow
+def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path, data_root) -> None:
+    run_dir, port, rounds = tmp_path / "elastic", free_port(), 5
+    run_dir.mkdir()
+    agents = {"ana": _agent("ana", run_dir, port, "2:3", rounds, "elastic")}
+    try:
+        # ana's agent hosts the rendezvous store (the first to bind the endpoint); it must not be the one killed
+        _wait(lambda: _listening(port), list(agents.values()), 60, "the rendezvous endpoint")
+        agents.update({n: _agent(n, run_dir, port, "2:3", rounds, "elastic") for n in OWNERS[1:]})
+        gone = run_dir / "checkpoints" / "cai" / "round_00001.pt"
+        _wait(gone.exists, list(agents.values()), 240, "round 1 checkpoint of cai")
+        _kill_tree(agents["cai"].pid)  # the agent and its worker, in round 2: gone for good
+        agents["cai"].wait()
+        _wait(lambda: (run_dir / "checkpoints" / "ana" / "round_00003.pt").exists(), [agents["ana"], agents["ben"]],
+              240, "round 3 without cai")  # fmt: skip
+        agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic")  # back, same name
+        for name, proc in agents.items():
+            assert proc.wait(timeout=300) == 0, f"{name}: {_logs(tmp_path)}"
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, rounds + 1)), _logs(tmp_path)  # each round once
+    assert records[0]["participants"] == OWNERS
+    assert sorted(records[1]["participants"]) == ["ana", "ben"]  # round 2 went on without cai
+    assert records[1]["left"] == ["cai"]
+    rejoined = [r for r in records if r["joined"] == ["cai"]]
+    assert len(rejoined) == 1 and rejoined[0]["round"] >= 3, [(r["round"], r["participants"]) for r in records]
+    for r in records:  # digests agree in every round, and every owner is named in its column
+        assert len({o["digest"] for o in r["owners"]}) == 1
+        assert sorted(o["name"] for o in r["owners"]) == sorted(r["participants"])
+
+    # Replay the same membership: one fixed-size run per stretch, resuming in one directory.
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    for i, (owners, last) in enumerate(_stretches(records)):
+        rport = free_port()
+        procs = [_agent(n, replay, rport, str(len(owners)), last, f"replay{i}") for n in owners]
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0, _logs(tmp_path)
+    again = _records(replay)
+    assert [r["participants"] for r in again] == [r["participants"] for r in records]
+    assert again[-1]["digest"] == records[-1]["digest"]
+
+
+@pytest.mark.slow
+def test_too_few_owners_wait_then_stop_with_a_clear_message(tmp_path: Path, data_root) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFY_DIST_OWNER": "ana", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:3", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=alone", "--rdzv-conf=last_call_timeout=1",
+           "-m", "unify_dist", *RUN, "--set", "train.owner_wait_s=3", "--set", f"output.dir={tmp_path}"]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    waited = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "only 1 owner(s) (ana) joined within 3 s but train.min_owners = 2" in proc.stderr, proc.stderr[-2000:]
+    assert waited >= 3
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
