@@ -42,6 +42,7 @@ class SealedRing:
         self.pair_secrets = admission.pair_secrets
         self.calls = 0  # the same on every rank: every rank makes every call; bound into each message
         self._bad: tuple[int, int] | None = None  # (src, dst) of the first message that failed here
+        self._pool: dict[str, Tensor] = {}  # send and receive buffers, reused (every step waits for its sends)
 
     # ------------------------------------------------------------------------------- the reducer API
     def all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> None:
@@ -54,7 +55,10 @@ class SealedRing:
             return
         call = self._begin()
         chunks = list(flat.tensor_split(self.world))
-        scratch = torch.empty(max(c.numel() for c in chunks), dtype=flat.dtype)
+        size = max(c.numel() for c in chunks)
+        scratch = self._pool.get(f"scratch {flat.dtype}")
+        if scratch is None or scratch.numel() < size:  # kept across calls, as the sealed buffers are
+            scratch = self._pool[f"scratch {flat.dtype}"] = torch.empty(size, dtype=flat.dtype)
         r, n = self.rank, self.world
         for s in range(n - 1):  # reduce-scatter: after n-1 steps rank r holds chunk (r + 1) mod n complete
             self._step(chunks[(r - s) % n], chunks[(r - s - 1) % n], f"{call} reduce {s}", combine, scratch)
@@ -90,12 +94,11 @@ class SealedRing:
         """Send `send` to the next rank and receive the previous rank's matching chunk into `recv`:
         combined into it (reduce) or copied over it (gather), segment by segment. Point-to-point."""
         nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
-        recv_parts = self._segments(recv)
-        boxes = [torch.empty(p.numel() * p.element_size() + TAG_BYTES, dtype=torch.uint8) for p in recv_parts]
+        recv_parts, send_parts = self._segments(recv), self._segments(send)
+        boxes = self._boxes("recv", recv_parts)
         pending = [dist.irecv(b, src=self._global(prv), group=self.group, tag=k) for k, b in enumerate(boxes)]
         sends = []
-        for k, part in enumerate(self._segments(send)):
-            sealed = torch.empty(part.numel() * part.element_size() + TAG_BYTES, dtype=torch.uint8)
+        for k, (part, sealed) in enumerate(zip(send_parts, self._boxes("send", send_parts))):
             self.links[nxt].seal_into(_bytes(part), f"{label} segment {k}", sealed.numpy())
             sends.append(dist.isend(sealed, dst=self._global(nxt), group=self.group, tag=k))
         for k, (req, box, part) in enumerate(zip(pending, boxes, recv_parts)):
@@ -128,6 +131,15 @@ class SealedRing:
                 f"sealed unify traffic from rank {src} to rank {dst} failed authentication ({call}): bytes were "
                 "changed in transit or the sender is not the admitted owner; no unified weight is applied, the run stops"
             )
+
+    def _boxes(self, role: str, parts: list[Tensor]) -> list[Tensor]:
+        """Sealed-size byte buffers for these segments, carved from one buffer kept across steps and calls
+        (a fresh large allocation per step costs page faults comparable to the cipher itself)."""
+        sizes = [p.numel() * p.element_size() + TAG_BYTES for p in parts]
+        pool = self._pool.get(role)
+        if pool is None or pool.numel() < sum(sizes):
+            pool = self._pool[role] = torch.empty(sum(sizes), dtype=torch.uint8)
+        return list(pool[: sum(sizes)].split(sizes))
 
     def _segments(self, chunk: Tensor) -> list[Tensor]:
         per = max(1, self.segment_bytes // chunk.element_size())
