@@ -93,9 +93,12 @@ def owner_modules(tmp_path: Path, monkeypatch):
 
 def test_factory_builds_the_owners_model_with_placeholders(owner_modules):
     for rank, width in ((0, 8), (1, 12)):
-        model = build_model(ModelConfig(name="paper_cnn", factory="{owner}_models:build"), (5,), 3, rank=rank)
+        cfg = ModelConfig(name="paper_cnn", factory="{owner}_models:build")
+        model = build_model(cfg, (5,), 3, rank=1 - rank, owner=f"owner{rank}")  # {owner} is the name, not the rank
         assert model[0].weight.shape == (width, 5)  # the factory wins over model.name
         assert build_model(ModelConfig(factory="owner{rank}_models:build"), (5,), 3, rank=rank)[0].out_features == width
+    with pytest.raises(UserError, match="cannot import module 'rank1_models'"):  # unnamed owners are rank{R}
+        build_model(ModelConfig(factory="{owner}_models:build"), (5,), 3, rank=1)
 
 
 def test_factory_errors_name_the_value_and_the_fix(owner_modules):
@@ -113,7 +116,7 @@ def test_factory_errors_name_the_value_and_the_fix(owner_modules):
         assert "\n" not in message
     with pytest.raises(UserError, match="returned str, not a torch.nn.Module"):
         build_model(ModelConfig(factory="owner0_models:not_a_model"), (5,), 3)
-    with pytest.raises(UserError, match=r"failed on owner 1 for in_shape \(\), num_classes 3 \(IndexError: .*\); fix"):
+    with pytest.raises(UserError, match=r"failed on rank1 for in_shape \(\), num_classes 3 \(IndexError: .*\); fix"):
         build_model(ModelConfig(factory="owner1_models:build"), (), 3, rank=1)  # the builder reads in_shape[0]
     assert load_factory("data.factory", "owner1_models:build", rank=0)((2,), 2)[0].out_features == 12
 
@@ -127,8 +130,9 @@ def test_factory_without_a_function_part_is_a_config_problem():
 
 
 def test_bad_factory_through_the_cli_is_one_line_and_exit_2(data_root, tmp_path):
-    args = ["train", "--set", "model.factory=no_such_pkg.models:build", "--set", "data.train_per_owner=200",
-            "--set", "data.test_size=200", "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path}/run"]  # fmt: skip
+    settings = ["model.factory=no_such_pkg.models:build", "data.train_per_owner=200", "data.test_size=200",
+                "train.max_rounds=1", f"output.dir={tmp_path}/run"]  # fmt: skip
+    args = ["train", *(arg for s in settings for arg in ("--set", s))]
     proc = cli(args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -108,8 +108,11 @@ def build_model(
     image_size: int | None = None,
     *,
     rank: int = 0,
+    owner: str = "",
 ) -> nn.Module:
     """This owner's model: `cfg.factory` when set (with {rank}/{owner} filled in), else MODELS[cfg.name].
+
+    `owner` is the owner's name for {owner} (the program's UNIFY_DIST_OWNER; empty: rank{rank}, as data uses).
 
     The older call build_model(cfg, in_channels, num_classes, image_size) still means square images.
     """
@@ -119,16 +122,16 @@ def build_model(
         in_shape = (in_shape, image_size, image_size)
     shape = tuple(int(s) for s in in_shape)
     if cfg.factory:
-        return _from_factory(cfg.factory, shape, num_classes, rank)
+        return _from_factory(cfg.factory, shape, num_classes, rank, owner or f"rank{rank}")
     builder = MODELS[cfg.name]
     if "hidden" in inspect.signature(builder).parameters:
         return builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)
     return builder(in_shape=shape, num_classes=num_classes)
 
 
-def load_factory(key: str, value: str, rank: int) -> Callable[..., object]:
+def load_factory(key: str, value: str, rank: int, owner: str = "") -> Callable[..., object]:
     """Import 'module.path:function' ({rank} and {owner} replaced) and return the function, or a UserError."""
-    path = value.replace("{rank}", str(rank)).replace("{owner}", f"owner{rank}")
+    path = value.replace("{rank}", str(rank)).replace("{owner}", owner or f"rank{rank}")
     module_name, _, attr = path.partition(":")
     fix = "install the package that holds it (or put its folder on PYTHONPATH) and write 'module.path:function'"
     try:
@@ -146,14 +149,14 @@ def load_factory(key: str, value: str, rank: int) -> Callable[..., object]:
     return fn
 
 
-def _from_factory(value: str, in_shape: tuple[int, ...], num_classes: int, rank: int) -> nn.Module:
+def _from_factory(value: str, in_shape: tuple[int, ...], num_classes: int, rank: int, owner: str) -> nn.Module:
     """Call the owner's builder; its own failure becomes one line naming the owner and what it was asked for."""
-    fn = load_factory("model.factory", value, rank)
+    fn = load_factory("model.factory", value, rank, owner)
     try:
         model = fn(in_shape=in_shape, num_classes=num_classes)
     except Exception as e:
         raise UserError(
-            f"model.factory = '{value}' failed on owner {rank} for in_shape {in_shape}, num_classes {num_classes} "
+            f"model.factory = '{value}' failed on {owner} for in_shape {in_shape}, num_classes {num_classes} "
             f"({type(e).__name__}: {_first_line(e)}); fix the builder"
         ) from None
     if not isinstance(model, nn.Module):

@@ -54,7 +54,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             hook.start(ctx.rank, ctx.world_size, out.info)
     members = agree_on_owners(cfg.train, ctx, out.info)  # collective: who is here, by name
     data = load_data(cfg, ctx, members)
-    model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank).to(ctx.device)
+    model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
     with stage("broadcast initial weights", ctx):

@@ -16,17 +16,21 @@ VAL_FRACTION = 0.15
 
 
 def owner_data(owner: Owner) -> OwnerDatasets:
-    """Read owner{rank}.npz, hold back a validation share (seeded), standardise with this owner's statistics."""
-    path = owners_dir() / f"{owner.name}.npz"
+    """Read owner{i}.npz, hold back a validation share (seeded), standardise with this owner's statistics.
+
+    i is this owner's share index: its rank, or its place in train.owners when owners are named.
+    """
+    index, count = owner.share
+    path = owners_dir() / f"owner{index}.npz"
     if not path.is_file():
         raise UserError(
             f"{owner.name}'s file '{path}' does not exist; run `python -m tabular_owner.split --owners "
-            f"{owner.world_size} --out DIR` and point {DIR_ENV} at DIR"
+            f"{count} --out DIR` and point {DIR_ENV} at DIR"
         )
     with np.load(path) as f:
         x, y, x_test, y_test = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
         classes = [str(c) for c in f["classes"]]
-    order = np.random.default_rng([owner.seed, owner.rank]).permutation(len(y))
+    order = np.random.default_rng([owner.seed, index]).permutation(len(y))
     n_val = max(1, int(len(y) * VAL_FRACTION))
     val, train = order[:n_val], order[n_val:]
     # Standardise with this owner's own training rows: no statistic of anyone's data leaves its owner.
