@@ -8,7 +8,10 @@ and figures for an empty split shown as n/a instead of a number. Real processes 
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +108,29 @@ def owners_that_disagree(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
         "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path / 'run'}",
     ]  # fmt: skip
     return args, {"PYTHONPATH": str(tmp_path)}
+
+
+GLOO_THREADS = """
+import os, sys
+from unify_dist.app.cli import main
+
+code = main(sys.argv[1:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("exit", code, "gloo threads", sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_failed_run_leaves_no_gloo_thread_behind(tmp_path: Path, data_root: Path) -> None:
+    """The cause of the SIGABRT: torchvision imported after the group existed (loading the dataset) left
+    gloo's threads running past destroy_process_group, into the interpreter's teardown. Now none is left.
+    """
+    script = tmp_path / "threads_after.py"
+    script.write_text(GLOO_THREADS)
+    args = ["train", *TINY, "--set", "data.train_per_owner=1", "--set", f"output.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert "exit 2 gloo threads []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.slow
