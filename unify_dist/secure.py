@@ -6,9 +6,9 @@ first hop of every chunk carries one owner's raw values. With masks, what leaves
 fixed-point(x) + sum of its pair masks (mod 2^64), uniformly distributed for anyone lacking the pair
 secrets. With 2 owners masking gains nothing: the sum minus your own weights is the peer's weights.
 
-How: every pair (i, j) shares a 256-bit secret, sent once from i to j point-to-point (a real deployment
-would use key agreement such as X25519 over an authenticated channel; the stack here has no crypto
-library, and the point-to-point send is seen by no third owner). Each unify, both derive the same mask
+How: every pair (i, j) shares a 256-bit secret. With [trust] on it comes from admission's X25519 key
+agreement (unify_dist.trust: never sent, bound to the signed transcript); with trust off it is sent once
+from i to j point-to-point, in the clear (seen by no third owner, but by anyone on the path). Each unify, both derive the same mask
 stream from (secret, nonce) with Philox; the lower rank adds it, the higher subtracts it. Arithmetic is
 in int64 fixed point with wrap-around, where the masks cancel exactly.
 """
