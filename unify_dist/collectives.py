@@ -343,7 +343,7 @@ class Collective:
         else:
             feedback.add_to(values)  # what earlier rounds could not send
             to_half(values, dtype, half)
-            feedback.keep(values, half.float(), commit)
+            feedback.keep(values, half, commit)
         self._all_gather(rows, packet)  # collective
         meta = [row[:8].view(torch.float32).tolist() for row in rows]
         flags, weights = [m[0] for m in meta], [m[1] for m in meta]
@@ -351,11 +351,12 @@ class Collective:
         ints.copy_(torch.stack([row[8 : 8 + 8 * k].view(torch.int64) for row in rows]).amax(0))
         if total is None:
             return flags
-        values.zero_()
-        for r in range(self.world):  # rank order: the same float32 additions on every rank
-            if not flags[r]:
-                row = rows[r][8 + 8 * k :].view(dtype).float()
-                values.add_(row if weight == 1.0 else row.mul_(weights[r]))  # no fused multiply-add: same bits on any CPU
+        healthy = [r for r in range(self.world) if not flags[r]]
+        for i, r in enumerate(healthy):  # rank order: the same float32 additions on every rank
+            row = rows[r][8 + 8 * k :].view(dtype)  # widened to float32 inside the copy or add
+            if weight != 1.0:
+                row = row.float().mul_(weights[r])  # its own rounding, no fused multiply-add: same bits on any CPU
+            values.copy_(row) if i == 0 else values.add_(row)
         values.mul_(1.0 / total)
         return flags
 
@@ -393,9 +394,9 @@ class Collective:
         q = torch.zeros(n, dtype=torch.int8, device=values.device)
         if not sick:
             quantize_int8(values, scales, levels, q)
-            sent = torch.empty_like(values)
-            dequantize_int8(q, scales / levels, sent)
-            feedback.keep(values, sent, commit)
+            if commit:  # residual = contribution - what q stands for, built in the residual's own memory
+                dequantize_int8(q, scales / levels, feedback.residual)
+                feedback.keep(values, feedback.residual, commit)
         self._all_reduce(q, dist.ReduceOp.SUM)  # collective: |sum| <= W x levels <= 127
         if total is not None:
             dequantize_int8(q, scales / levels * (1.0 / total), values)

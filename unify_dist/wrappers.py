@@ -157,7 +157,8 @@ class ErrorFeedback:
         contribution.add_(self.residual)
 
     def keep(self, contribution: Tensor, sent: Tensor, commit: bool) -> None:
-        """residual = contribution - sent: what the lossy transport dropped this round."""
+        """residual = contribution - sent: what the lossy transport dropped this round (`sent` may be
+        16-bit: the subtraction is in the residual's precision, in one pass)."""
         if commit:
             torch.sub(contribution, sent, out=self.residual)
 
@@ -187,7 +188,8 @@ def _blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
 def block_absmax(x: Tensor, block: int, out: Tensor) -> None:
     """out[b] = max |x| over block b (out has ceil(n / block) elements)."""
     main, rest = _blocks(x, block)
-    torch.amax(main.abs(), dim=1, out=out[: main.shape[0]])
+    low, high = torch.aminmax(main, dim=1)  # one read, no |x| copy
+    torch.maximum(low.neg_(), high, out=out[: main.shape[0]])
     if rest.numel():
         out[-1] = rest.abs().amax()
 
@@ -221,4 +223,5 @@ def to_half(x: Tensor, dtype: torch.dtype, out: Tensor) -> None:
     """out = x in 16 bits, clamped to the format's finite range (fp16 tops out at 65504): a value
     too large arrives as the largest finite one, and error feedback carries the rest."""
     top = torch.finfo(dtype).max
-    out.copy_(x.clamp(-top, top))
+    low, high = torch.aminmax(x)  # host sync; clamping (a copy) only when something is out of range
+    out.copy_(x.clamp(-top, top) if low < -top or high > top else x)
