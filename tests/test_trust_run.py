@@ -55,3 +55,26 @@ def test_impostor_key_is_refused_with_exit_2(tmp_path: Path, data_root) -> None:
     assert refusals and all("rank slot 1: its key" in line and "is not in the roster" in line for line in refusals), proc.stderr[-2000:]
     assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both owners' processes exited 2
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no round ran
+
+
+@pytest.mark.slow
+def test_trust_off_across_machines_warns(tmp_path: Path, data_root) -> None:
+    """Two torchrun agents (two 'machines', one owner each) with trust off: every owner says what that means."""
+    import subprocess
+    import sys
+
+    from tests.world import free_port
+
+    port, agents = free_port(), []
+    for node_rank in (0, 1):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=trust-off", "-m", "unify_dist", "train",
+            *SMALL, "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path}",
+        ]  # fmt: skip
+        agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [a.communicate(timeout=300) for a in agents]
+    assert all(a.returncode == 0 for a in agents), outputs[0][1][-2000:]
+    assert "trust: off" in outputs[0][0]  # rank 0's start-up lines
+    for _, err in outputs:
+        assert "owners are on several machines with trust off: anyone who reaches the rendezvous port" in err
