@@ -18,6 +18,7 @@ from unify_dist.config import UnifyConfig
 from unify_dist.errors import UserError
 from unify_dist.rules import RULES, register_rule
 from unify_dist.unifier import Unifier, UnifyOutcome, same_start
+from unify_dist.hierarchy import HierarchicalUnifier, OwnerGroups, average_gradients, owner_groups
 
 __all__ = [
     "__version__",
@@ -26,6 +27,10 @@ __all__ = [
     "UnifyOutcome",
     "UnifyConfig",
     "register_rule",
+    "owner_groups",
+    "OwnerGroups",
+    "HierarchicalUnifier",
+    "average_gradients",
     "RULES",
     "NonFiniteError",
     "DivergenceError",
