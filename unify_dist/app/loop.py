@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,9 @@ from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.collectives import tail_size, verify_identical
-from unify_dist.trust import SealedRing
-from unify_dist.trust.session import describe, join
+
+if TYPE_CHECKING:  # the trust package needs `cryptography`, imported only when trust is on
+    from unify_dist.trust import SealedRing
 
 __all__ = ["run", "load_data"]
 
@@ -136,6 +137,10 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
     unsealed = [what for what, on in (("train.scaffold", cfg.train.scaffold), ("unify.rule = auto", cfg.unify.rule == "auto")) if on]
     if unsealed:
         raise UserError(f"trust.enabled does not seal the collectives of {' and '.join(unsealed)} yet; turn them off or trust off")
+    try:
+        from unify_dist.trust.session import describe, join
+    except ImportError as e:
+        raise UserError(f"trust.enabled needs the cryptography package ({e}); install it: pip install cryptography") from None
     t = cfg.trust
     reducer = join(t.roster, t.key, t.owner, f"{cfg.name}|{cfg.output.dir}|{ctx.world_size}", ctx)  # collective
     out.info(describe(reducer.admission))
