@@ -2,8 +2,8 @@
 
 torchrun's elastic mode (`--nnodes=MIN:MAX`) restarts every worker when an owner leaves or joins, with new
 RANK and WORLD_SIZE values: a rank says nothing about who an owner is. So each owner carries a stable name
-(the environment variable UNIFY_DIST_OWNER, else its place in `train.owners` on a fixed group, else
-"rank{R}" when no names are configured), and everything an owner keeps is keyed by it: its data share (its
+(the environment variable UNIFY_DIST_OWNER, else its name in the trust roster when trust is on, else its
+place in `train.owners` on a fixed group, else "rank{R}" when no names are configured), and everything an owner keeps is keyed by it: its data share (its
 index in `train.owners`), its checkpoints, its columns in the round records.
 """
 
@@ -43,9 +43,13 @@ class Membership:
         return self.roster.index(self.name)
 
 
-def own_name(cfg: TrainConfig, ctx: Context) -> str:
-    """This owner's name: UNIFY_DIST_OWNER, else train.owners[rank] on a fixed group, else rank{R}."""
-    name = os.environ.get(OWNER_ENV, "").strip()
+def own_name(cfg: TrainConfig, ctx: Context, roster_name: str = "") -> str:
+    """This owner's name: UNIFY_DIST_OWNER, else its name in the trust roster (trust on), else
+    train.owners[rank] on a fixed group, else rank{R}."""
+    env = os.environ.get(OWNER_ENV, "").strip()
+    if roster_name and env and env != roster_name:  # trust on: the admitted identity is the name
+        raise UserError(f"{OWNER_ENV}={env} but trust.owner is '{roster_name}'; an owner has one name: unset one")
+    name = roster_name or env
     if name:
         return name
     if not cfg.owners:
@@ -63,12 +67,14 @@ def own_name(cfg: TrainConfig, ctx: Context) -> str:
     return cfg.owners[ctx.rank]
 
 
-def agree_on_owners(cfg: TrainConfig, ctx: Context, say: Callable[[str], None], sleep=time.sleep) -> Membership:
+def agree_on_owners(
+    cfg: TrainConfig, ctx: Context, say: Callable[[str], None], roster_name: str = "", sleep=time.sleep
+) -> Membership:
     """Every rank's name, gathered and checked; too few owners waits, then stops. A collective.
 
     The same UserError is raised on every rank (they all see the same gathered names).
     """
-    mine = own_name(cfg, ctx)
+    mine = own_name(cfg, ctx, roster_name)
     present: list[str | None] = [None] * ctx.world_size
     dist.all_gather_object(present, mine)
     names = [str(n) for n in present]
