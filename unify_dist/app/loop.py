@@ -9,6 +9,7 @@ and tests.hooks.faults are two.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -410,7 +411,7 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
     everyone_had_it = all(round_ in h for h in held)  # the same verdict on every rank
     with stage("resume from a peer", ctx):
         if not everyone_had_it:
-            _take_from(source, state, needed=round_ not in mine)  # collective
+            _take_from(source, state, needed=round_ not in mine, reducer=state.unifier.core.reducer)  # collective
         verify_identical(state.unifier.flat)  # collective
     if everyone_had_it:
         out.info(f"resumed from round {round_} (every owner had it)")
@@ -430,17 +431,35 @@ def _resume_point(held: list[dict[int, list[str]]], present: list[str]) -> tuple
     return 0, 0
 
 
-def _take_from(source: int, state: TrainState, needed: bool) -> None:
+def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing | None = None) -> None:
     """`source`'s unified weights, unifier state and records, for the owners that lack them (`needed`).
 
-    A collective (every rank joins the broadcasts); an owner that had the round keeps its own unifier state,
-    which may hold per-owner parts (residuals) beside the shared ones.
+    A collective (every rank joins); an owner that had the round keeps its own unifier state, which may
+    hold per-owner parts (residuals) beside the shared ones. With trust on the weights are data-derived,
+    so they travel sealed: a sum over the ring of the source's bytes and everyone else's zeros.
     """
     flat = state.unifier.flat
-    dist.broadcast(flat.buffer, src=source)  # collective; equal bits on the owners that had the round
-    dist.broadcast(flat.ints, src=source)
-    shared = [{"unifier": state.unifier.state_dict(), "records": state.records}]
-    dist.broadcast_object_list(shared, src=source)
+    payload = io.BytesIO()
+    torch.save({"unifier": state.unifier.state_dict(), "records": state.records}, payload)
+    mine = torch.frombuffer(bytearray(payload.getvalue()), dtype=torch.uint8)
+    parts = [flat.buffer, flat.ints]
+    if reducer is None:
+        for t in parts:
+            dist.broadcast(t, src=source)  # collective; equal bits on the owners that had the round
+        shared = [mine]
+        dist.broadcast_object_list(shared, src=source)
+        blob = shared[0]
+    else:
+        is_source = dist.get_rank() == source
+        size = torch.tensor([mine.numel() if is_source else 0], dtype=torch.int64)
+        reducer.all_reduce(size)  # collective, sealed
+        blob = mine if is_source else torch.zeros(int(size), dtype=torch.uint8)
+        for t in [*parts, blob]:
+            raw = t.view(torch.uint8)
+            if not is_source:
+                raw.zero_()
+            reducer.all_reduce(raw)  # integer sum of one owner's bytes and zeros: exactly the source's bytes
     if needed:
-        state.unifier.load_state_dict(shared[0]["unifier"])
-        state.records[:] = shared[0]["records"]
+        shared_state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
+        state.unifier.load_state_dict(shared_state["unifier"])
+        state.records[:] = shared_state["records"]
