@@ -443,16 +443,7 @@ def _epoch_section(args: argparse.Namespace) -> dict[str, Any]:
         "plain_loop": lambda m, o, e: _plain_loop(m, o, data.x, data.y, 64, epoch_generator(0, 0, 0, e)),
         "dataloader": lambda m, o, e: _loader_loop(m, o, loader),
     }
-    rates: dict[str, list[float]] = {k: [] for k in loops}
-    for epoch in range(1 + args.epoch_repeats):  # epoch 0 is warm-up; loops interleaved per epoch
-        for name, loop in loops.items():
-            model = copy.deepcopy(start)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            t0 = time.perf_counter()
-            loop(model, opt, epoch)
-            if epoch:
-                rates[name].append(len(data) / (time.perf_counter() - t0))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = median_rates(loops, start, len(data), args.epoch_repeats)
     rows = [
         _ratio_row("epoch", "paper_cnn bs 64", 1, len(data), "train_epoch img/s", med["train_epoch"],
                    "plain loop img/s", med["plain_loop"], "train_epoch_vs_plain_loop"),
@@ -513,8 +504,14 @@ def _stream_throughput(images: int, repeats: int) -> dict[str, float]:
         "dataloader": lambda m, o, e: _loader_loop(
             m, o, DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(e))),
     }  # fmt: skip
+    return median_rates(loops, start, images, repeats)
+
+
+def median_rates(loops: dict[str, Callable], start: nn.Module, images: int, repeats: int) -> dict[str, float]:
+    """Images per second of each training loop, median over `repeats` epochs after one warm-up, each epoch
+    from a fresh copy of `start`; the loops take turns within an epoch, so drifting load hits them alike."""
     rates: dict[str, list[float]] = {k: [] for k in loops}
-    for epoch in range(1 + repeats):  # epoch 0 is warm-up; loops interleaved per epoch
+    for epoch in range(1 + repeats):
         for name, loop in loops.items():
             model = copy.deepcopy(start)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
