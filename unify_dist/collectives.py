@@ -1,7 +1,8 @@
 """The collective core: one owner's flat state in, every owner's unified state out, in place.
 
 The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here matches rule names:
-  sum / weighted_sum  one all_reduce SUM of (weight * x), then times 1 / the summed weight;
+  sum / weighted_sum  one all_reduce SUM of (weight / W * x), W owners: avg with every owner healthy is
+                      then the mean; otherwise times W / the summed weight;
   max                 one all_reduce MAX of x;
   absmax              one all_reduce MAX of integer keys that order values by magnitude, then positive
                       over negative (rules.absmax_keys_): the reference's tie rule, bit for bit;
