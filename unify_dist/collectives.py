@@ -9,6 +9,8 @@ The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here
   masked_sum          the mean from pairwise-masked fixed-point contributions (unify_dist.secure);
   gather              the owners' values gathered chunk by chunk, and the pure reference applied:
                       extra memory owners x chunk_elements. Any registered rule runs this way.
+  compressed          sums of updates under unify.compress (Collective.compressed_sum): bf16/fp16 one
+                      all_gather of 16-bit rows, int8 an all_reduce MAX of block scales then one SUM of int8.
 
 Non-finite weights are caught before anything is combined. Each owner checks its own values (on the sum
 paths, in the same cache-sized pass that scales them: see Collective._scale_and_check); a sick
