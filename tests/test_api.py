@@ -113,7 +113,7 @@ def test_avg_equals_torch_average_parameters(world: int) -> None:
         for a, b in zip(r["ours"], r["theirs"]):
             if world == 2:  # halving is exact, so both orders give the same bits
                 assert torch.equal(a, b)
-            else:  # torch divides before the sum, we multiply by 1/3 after it: one rounding apart
+            else:  # both scale before the sum, torch by x / 3, we by x * (1 / 3): one rounding apart
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
