@@ -28,6 +28,7 @@ from unify_dist.distributed import Context, all_gather_floats, init_context, shu
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.app.loop import load_data
+from unify_dist.app.owners import agree_on_owners
 from unify_dist.models import build_model
 from unify_dist.train import count_correct, epoch_generator, make_optimizer, round_lr, set_lr, train_epoch
 from unify_dist.collectives import verify_identical
@@ -40,7 +41,8 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
     out = Reporter(ctx.rank, progress=False)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))  # as loop.py
     torch.manual_seed(cfg.train.seed)
-    data = load_data(cfg, ctx)  # unify-dist's own: the same share per rank
+    members = agree_on_owners(cfg.train, ctx, out.info)  # collective: owners by name, as unify-dist has them
+    data = load_data(cfg, ctx, members)  # unify-dist's own: the same share per rank
     batches = [int(n) for (n,) in all_gather_floats([-(-len(data.train) // cfg.train.batch_size)], ctx)]  # collective
     if len(set(batches)) > 1:  # DDP all_reduces once per step: a rank with fewer steps leaves the others waiting
         raise UserError(f"DDP needs the same number of batches on every rank, got {batches}; use data.partition = iid")
@@ -56,7 +58,7 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
     for epoch in range(1, cfg.train.max_rounds + 1):
         t0 = time.perf_counter()
         set_lr(optimizer, round_lr(cfg.train, epoch))  # train.lr_schedule, epoch for round (constant: cfg.train.lr)
-        g = epoch_generator(cfg.train.seed, epoch, ctx.rank, 0)  # unify-dist's order for round `epoch`
+        g = epoch_generator(cfg.train.seed, epoch, members.index, 0)  # unify-dist's order for round `epoch`
         with stage(f"DDP epoch {epoch}", ctx):
             loss = train_epoch(ddp, optimizer, data.train, cfg.train.batch_size, g)  # all_reduce every step
         train_s = time.perf_counter() - t0

@@ -7,6 +7,7 @@ Without torchrun (no WORLD_SIZE), a one-owner group is made in-process so the sa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -71,6 +72,11 @@ def init_context(cfg: DistConfig) -> Context:
     else:
         device = torch.device("cpu")
     timeout = timedelta(seconds=cfg.timeout_s)
+    # torchvision (datasets, models) imports torch._dynamo. Imported after the group exists, it starts
+    # gloo threads that destroy_process_group cannot stop, and at exit they could abort the process
+    # (SIGABRT, 'terminate called without an active exception') after it had said why it stopped.
+    # Every entry point that builds its group here (the program, the DDP baseline) is safe.
+    importlib.import_module("torch._dynamo")  # (a plain import here would make `torch` a local name)
     if not dist.is_initialized():
         if "WORLD_SIZE" in env:
             kw = {"device_id": device} if backend == "nccl" else {}

@@ -26,11 +26,6 @@ def _train(args: argparse.Namespace, hooks: Sequence[Any] = ()) -> int:
     from unify_dist.app.loop import run
 
     cfg = load_config(args.config, args.set)  # validated before any process group exists
-    # torchvision (datasets, models) imports torch._dynamo. Imported after the group exists, it starts
-    # gloo threads that destroy_process_group cannot stop, and at exit they could abort the process
-    # (SIGABRT, 'terminate called without an active exception') after it had said why it stopped.
-    import torch._dynamo  # noqa: F401
-
     ctx = init_context(cfg.dist)
     try:
         run(cfg, ctx, hooks)
