@@ -28,7 +28,7 @@ demo: $(STAMP) data
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config configs/demo_cpu.toml
 
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow"
