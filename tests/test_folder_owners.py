@@ -47,16 +47,21 @@ def make_owner_folder(
             Image.fromarray(img.astype(np.uint8), mode="L").save(root / name / f"{i}.png")
 
 
+def _train_folders(tmp_path: Path, rounds: int):
+    """The program through torchrun on the owners' folders under tmp_path/owner{rank}: 2 owners, an MLP."""
+    return torchrun([
+        "train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
+        "--set", f"data.folder={tmp_path}/owner{{rank}}", "--set", "data.image_size=16",
+        "--set", "model.name=mlp", "--set", f"train.max_rounds={rounds}", "--set", "train.batch_size=16",
+        "--set", f"output.dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+
+
 @pytest.mark.slow
 def test_folder_owners_train_and_unify(tmp_path: Path) -> None:
     for rank in (0, 1):
         make_owner_folder(tmp_path / f"owner{rank}", seed=rank)
-    proc = torchrun([
-        "train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
-        "--set", f"data.folder={tmp_path}/owner{{rank}}", "--set", "data.image_size=16",
-        "--set", "model.name=mlp", "--set", "train.max_rounds=3", "--set", "train.batch_size=16",
-        "--set", f"output.dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    proc = _train_folders(tmp_path, rounds=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and len({o["digest"] for o in records[-1]["owners"]}) == 1
@@ -97,12 +102,7 @@ def test_owners_agree_on_the_union_of_their_classes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_owners_with_different_classes_train_through_torchrun(tmp_path: Path) -> None:
     _held_classes(tmp_path)
-    proc = torchrun([
-        "train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
-        "--set", f"data.folder={tmp_path}/owner{{rank}}", "--set", "data.image_size=16",
-        "--set", "model.name=mlp", "--set", "train.max_rounds=2", "--set", "train.batch_size=16",
-        "--set", f"output.dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    proc = _train_folders(tmp_path, rounds=2)
     assert proc.returncode == 0, proc.stderr[-3000:]  # the consistency check saw one class list
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(len({o["digest"] for o in r["owners"]}) == 1 for r in records) and len(records) == 2
