@@ -40,7 +40,7 @@ reproduce: $(STAMP) data
 	$(PY) -m pip install -q matplotlib || echo "matplotlib not installed: the report will have tables but no plots"
 	$(PY) -m experiments.reproduce --rounds $(ROUNDS) --out results
 
-# Beyond the paper (unify_dist/experiments.py): 4 owners with a hostile one; label-skewed owners; DP noise.
+# Beyond the paper (experiments/suites.py): 4 owners with a hostile one; label-skewed owners; DP noise.
 robust skew dp: $(STAMP) data
 	$(PY) -m experiments.suites $@
 

@@ -40,7 +40,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class TrustConfig:
-    """Who may join and how unify traffic travels (unify_dist.trust; README: Running across organisations).
+    """Who may join and how unify traffic travels (unify_dist.trust; docs/trust.md).
 
     In `key` and `owner`, '{rank}' becomes this process's rank: one machine, one config, several owners.
     """
@@ -60,7 +60,7 @@ class TrustConfig:
             return []
         missing = [f"trust.{k}" for k in ("roster", "key", "owner") if not getattr(self, k)]
         if missing:
-            return [f"trust.enabled needs {', '.join(missing)}: set them (unify-dist keygen makes a key; README)"]
+            return [f"trust.enabled needs {', '.join(missing)}: set them (unify-dist keygen makes a key; docs/trust.md)"]
         if not Path(self.roster).is_file():
             return [f"trust.roster '{self.roster}' does not exist; give every owner the same roster file"]
         return []

@@ -90,7 +90,7 @@ def load_roster(path: str | Path) -> Roster:
     """Read and check a roster TOML file: an [owners] table of name = base64 public key."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"trust.roster '{p}' does not exist; write an [owners] table of name = public key (README)")
+        raise UserError(f"trust.roster '{p}' does not exist; write an [owners] table of name = public key (docs/trust.md)")
     try:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
