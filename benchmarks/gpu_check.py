@@ -7,6 +7,8 @@
    absmax, within float tolerance for the averages), and both ranks hold the same bits.
 2. absmax's key transform on CUDA (GPU-sized steps) equals the CPU transform bit for bit on 40M floats.
 3. The program through torchrun with NCCL: one owner, generated image folders, 2 rounds.
+4. Two owners training on the GPU, unifying over gloo through pinned host memory (dist.device = cuda), trust
+   off and on (when `cryptography` is installed), and the cost of staging a resnet18-sized all_reduce.
 Prints and writes OUT_DIR/gpu_check.json.
 """
 
@@ -112,6 +114,109 @@ def check_program(out: Path) -> dict:
             "stderr_tail": proc.stderr[-800:] if proc.returncode else ""}  # fmt: skip
 
 
+def _owner_folders(root: Path, owners: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for o in range(owners):
+        for c, name in enumerate(("bars", "dots", "ring")):
+            (root / f"owner{o}" / name).mkdir(parents=True)
+            for i in range(60):
+                img = rng.integers(0, 60, size=(16, 16)) + 150 * ((np.indices((16, 16))[c % 2] % (c + 2)) == 0)
+                Image.fromarray(img.astype(np.uint8), mode="L").save(root / f"owner{o}" / name / f"{i}.png")
+
+
+def _trust_sets(root: Path) -> list[str]:
+    """Keys for owner0 and owner1 made with `unify-dist keygen`, a roster, and the --set values for them."""
+    lines = ["[owners]"]
+    for o in range(2):
+        done = subprocess.run([sys.executable, "-m", "unify_dist", "keygen", "--out", str(root / f"owner{o}.key"),
+                               "--name", f"owner{o}"], capture_output=True, text=True, check=True)  # fmt: skip
+        lines.append(done.stdout.splitlines()[-1].split(": ", 1)[1])
+    (root / "roster.toml").write_text("\n".join(lines) + "\n")
+    sets = ["trust.enabled=true", f"trust.roster={root / 'roster.toml'}", f"trust.key={root}/owner{{rank}}.key",
+            "trust.owner=owner{rank}"]  # fmt: skip
+    return [x for v in sets for x in ("--set", v)]
+
+
+def check_gpu_owners(out: Path) -> dict:
+    """Issue 12 item 4: 2 owners train on the GPU, unify over gloo staged through pinned host memory,
+    with trust off and (where `cryptography` is installed) on. Both runs must end with equal digests on
+    both owners every round; with 2 owners a sum has one order, so the final models should match too."""
+    root = Path(tempfile.mkdtemp())
+    _owner_folders(root, 2)
+    base = ["train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
+            "--set", f"data.folder={root}/owner{{rank}}", "--set", "data.image_size=16", "--set", "model.name=mlp",
+            "--set", "train.max_rounds=3", "--set", "dist.backend=gloo", "--set", "dist.device=cuda",
+            "--set", "output.progress=false"]  # fmt: skip
+    try:
+        import cryptography  # noqa: F401
+
+        modes = {"off": [], "on": _trust_sets(root)}
+    except ImportError:
+        modes = {"off": []}
+    result: dict = {}
+    for mode, extra in modes.items():
+        run = out / f"gpu_owners_trust_{mode}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unify_dist",
+               *base, *extra, "--set", f"output.dir={run}"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+        text = proc.stdout + proc.stderr
+        result[mode] = {
+            "returncode": proc.returncode,
+            "backend_line": next((x for x in text.splitlines() if "backend" in x), ""),
+            "trust_line": next((x for x in text.splitlines() if "trust:" in x), ""),
+            "rounds": len(records),
+            "digests_equal_every_round": all(len({o["digest"] for o in r["owners"]}) == 1 for r in records) and bool(records),
+            "final_digest": records[-1]["owners"][0]["digest"] if records else None,
+            "unify_s": [max(o["unify_s"] for o in r["owners"]) for r in records],
+            "test_acc": records[-1]["unified_test_acc"] if records else None,
+            "stderr_tail": proc.stderr[-1200:] if proc.returncode else "",
+        }
+    if "on" in result:
+        result["same_final_digest_on_and_off"] = result["on"]["final_digest"] == result["off"]["final_digest"]
+    return result
+
+
+def _staging_timing(rank: int, world: int) -> dict:
+    import time
+
+    import torch.distributed as dist
+
+    from unify_dist.staging import HostStaged
+
+    n = 11_700_000  # resnet18's float state
+    gpu = torch.full((n,), float(rank + 1), device="cuda")
+    cpu = gpu.cpu()
+    staged = HostStaged()
+    ways = {"gloo_on_host_tensor": lambda: dist.all_reduce(cpu), "gloo_on_cuda_tensor": lambda: dist.all_reduce(gpu),
+            "host_staged_cuda_tensor": lambda: staged.all_reduce(gpu)}  # fmt: skip
+    times = {}
+    for name, fn in ways.items():
+        fn()
+        torch.cuda.synchronize()
+        laps = []
+        for _ in range(5):
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            laps.append(time.perf_counter() - t)
+        times[name] = sorted(laps)[2]
+    return times
+
+
+def check_staging_cost() -> dict:
+    """Median of 5 all_reduce SUMs of resnet18's 11.7M floats, 2 gloo ranks on this machine's loopback."""
+    from tests.world import run_world
+
+    times = run_world(_staging_timing, 2)[0]
+    base = times["gloo_on_host_tensor"]
+    return {"seconds": times, "ratio_to_host_tensor": {k: v / base for k, v in times.items()}}
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +227,11 @@ def main() -> int:
         except Exception as e:  # report every check, even after one fails
             report[name] = {"error": f"{type(e).__name__}: {e}"[:600]}
     report["program_nccl"] = check_program(out)
+    report["gpu_owners_over_gloo"] = check_gpu_owners(out)
+    try:
+        report["staging_cost"] = check_staging_cost()
+    except Exception as e:
+        report["staging_cost"] = {"error": f"{type(e).__name__}: {e}"[:600]}
     text = json.dumps(report, indent=1)
     print(text)
     (out / "gpu_check.json").write_text(text)

@@ -44,6 +44,8 @@ CASES: dict[str, tuple[list[str], dict[str, str], str]] = {
     "target_accuracy above 1": (["--set", "train.target_accuracy=1.5"], {}, "train.target_accuracy is a fraction"),
     "unknown nonfinite policy": (["--set", "unify.nonfinite=ignore"], {}, "unify.nonfinite = 'ignore' is not known"),
     "timeout zero": (["--set", "dist.timeout_s=0"], {}, "dist.timeout_s must be > 0"),
+    "unknown device": (["--set", "dist.device=gpu"], {}, "dist.device = 'gpu' is not known"),
+    "nccl on the cpu": (["--set", "dist.device=cpu", "--set", "dist.backend=nccl"], {}, "NCCL reduces GPU tensors only"),
     "keep no checkpoints": (["--set", "output.keep_checkpoints=0"], {}, "output.keep_checkpoints must be >= 1"),
     "--set without =": (["--set", "train.lr"], {}, "has no '='"),
     "folder without partition": (["--set", "data.dataset=folder", "--set", "data.folder=x"], {}, "go together"),
@@ -100,11 +102,15 @@ def test_bad_input_is_one_line_and_exit_2(case: str, outcomes: dict, scratch: Pa
     assert_one_clear_line(outcomes[case], _fill(CASES[case][2], scratch))
 
 
-def test_nccl_without_cuda(scratch: Path) -> None:
+@pytest.mark.parametrize(("setting", "phrase"), [
+    ("dist.backend=nccl", "dist.backend = 'nccl' needs CUDA"),
+    ("dist.device=cuda", "dist.device = 'cuda' but this machine has no usable GPU"),
+])  # fmt: skip
+def test_gpu_choices_without_cuda(setting: str, phrase: str, scratch: Path) -> None:
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, so nccl is a valid choice")
-    proc = cli(["train", "--set", "dist.backend=nccl", "--set", f"output.dir={scratch}/run"])
-    assert_one_clear_line(proc, "dist.backend = 'nccl' needs CUDA")
+        pytest.skip("this machine has CUDA, so the GPU choices are valid")
+    proc = cli(["train", "--set", setting, "--set", f"output.dir={scratch}/run"])
+    assert_one_clear_line(proc, phrase)
 
 
 def assert_workers_said(proc: subprocess.CompletedProcess, phrase: str) -> None:

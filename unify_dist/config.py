@@ -279,11 +279,20 @@ class DistConfig:
     """auto (nccl when CUDA is available, else gloo), gloo, or nccl."""
     timeout_s: float = 300.0
     """A collective that waits longer than this fails every rank instead of hanging."""
+    device: str = "auto"
+    """Where this owner trains: auto (the GPU with nccl, else the CPU), cpu, or cuda (the GPU numbered by
+    LOCAL_RANK, modulo the GPUs there are). cuda with backend gloo: train on the GPU, unify over gloo, each
+    collective staged through pinned host memory (NCCL across NAT and WAN links is fragile; with trust on
+    the sealed ring needs host bytes anyway)."""
 
     def problems(self) -> list[str]:
         out = []
         if self.backend not in ("auto", "gloo", "nccl"):
             out.append(choice("dist.backend", self.backend, ("auto", "gloo", "nccl")))
+        if self.device not in ("auto", "cpu", "cuda"):
+            out.append(choice("dist.device", self.device, ("auto", "cpu", "cuda")))
+        if self.device == "cpu" and self.backend == "nccl":
+            out.append("dist.device = 'cpu' with dist.backend = 'nccl': NCCL reduces GPU tensors only; use backend gloo")
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
         return out

@@ -41,6 +41,11 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def wire_device(self) -> torch.device:
+        """Where the group's collectives take their tensors: the GPU with NCCL, else host memory."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within dist.timeout_s: some owner stopped answering."""
@@ -68,6 +73,11 @@ def init_context(cfg: DistConfig) -> Context:
                 "use --nproc_per_node no larger than the GPU count"
             )
         device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif cfg.device == "cuda":  # gloo between owners, training on this machine's GPU (owners here may share it)
+        if not torch.cuda.is_available():
+            raise UserError("dist.device = 'cuda' but this machine has no usable GPU; use --set dist.device=cpu")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -149,7 +159,7 @@ def stage(name: str, ctx: Context) -> Iterator[None]:
 
 def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:
     """Every rank's small float vector, on every rank (one all_gather of len(values) doubles)."""
-    mine = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    mine = torch.tensor(values, dtype=torch.float64, device=ctx.wire_device)
     out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(out, mine)
     return [t.tolist() for t in out]  # host sync: these figures go to the table and the JSONL

@@ -32,6 +32,7 @@ from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
 from unify_dist.privacy import dp_statement, privacy_statement
+from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
@@ -51,6 +52,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     torch.manual_seed(cfg.train.seed)
     _announce(cfg, ctx, out)
     reducer = _admit(cfg, ctx, out)  # collective with trust on: before any data-derived byte leaves
+    if ctx.device.type == "cuda" and ctx.backend == "gloo":  # GPU training, gloo between owners
+        reducer = HostStaged(reducer)  # every unify collective on pinned host copies (the ring seals host bytes)
     for hook in hooks:
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
@@ -64,7 +67,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
-    state.unifier.core.reducer = reducer  # None: gloo's collectives; trust on: the sealed ring
+    state.unifier.core.reducer = reducer  # None: the group's collectives; else the sealed ring and/or host staging
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     start = _resume(cfg, ctx, ckpt, state, members, out)
@@ -112,7 +115,7 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     """The start-up lines: who, what, and what each owner will learn about the others."""
     owners = f"{ctx.world_size} owner{'' if ctx.world_size == 1 else 's'}"
     out.info(
-        f"unify-dist: {owners}, backend {ctx.backend}, rule {cfg.unify.rule}, "
+        f"unify-dist: {owners}, backend {ctx.backend}{_staged(ctx)}, rule {cfg.unify.rule}, "
         f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {cfg.output.dir}"
     )
     candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
@@ -121,6 +124,12 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
+
+
+def _staged(ctx: Context) -> str:
+    if ctx.device.type == "cuda" and ctx.backend == "gloo":
+        return f" (training on {ctx.device}, unify staged through pinned host memory)"
+    return ""
 
 
 def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
@@ -139,6 +148,9 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
     unsealed = [what for what, on in (("train.scaffold", cfg.train.scaffold), ("unify.rule = auto", cfg.unify.rule == "auto")) if on]
     if unsealed:
         raise UserError(f"trust.enabled does not seal the collectives of {' and '.join(unsealed)} yet; turn them off or trust off")
+    if ctx.backend == "nccl":
+        raise UserError("trust.enabled seals host bytes over gloo, not NCCL: set dist.backend = 'gloo' and, to train on "
+                        "the GPU, dist.device = 'cuda' (each unify is staged through pinned host memory)")  # fmt: skip
     try:
         from unify_dist.trust.session import describe, join
     except ImportError as e:
@@ -269,7 +281,7 @@ def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, roun
                 unifier.unify(float(len(data.train)), rule=rule, commit=False, verify=False)  # collective
             correct, total = per_class_correct(model, data.val, data.num_classes)
             counts += correct + total
-    summed = torch.tensor(counts, dtype=torch.float64, device=ctx.device)
+    summed = torch.tensor(counts, dtype=torch.float64, device=ctx.wire_device)
     with stage(f"auto vote in round {round_}", ctx):
         dist.all_reduce(summed)  # collective: the same counts, so the same choice, on every rank
     per_rule = summed.view(len(rules), 2, data.num_classes)
