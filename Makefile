@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo test test-fast bench reproduce robust skew dp netns data clean
+.PHONY: demo demo-trust test test-fast bench reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -40,6 +40,16 @@ reproduce: $(STAMP) data
 	$(PY) -m pip install -q matplotlib || echo "matplotlib not installed: the report will have tables but no plots"
 	$(PY) -m experiments.reproduce --rounds $(ROUNDS) --out results
 
+# The demo with [trust] on (docs/trust.md): fresh identity keys for both owners, a roster, then the same run,
+# admitted and sealed. Keys and run under runs/demo_trust/.
+DT := runs/demo_trust
+demo-trust: $(STAMP) data
+	@mkdir -p $(DT) && rm -f $(DT)/owner*.key $(DT)/owner*.key.pub && echo "[owners]" > $(DT)/roster.toml
+	@for i in 0 1; do $(PY) -m unify_dist keygen --out $(DT)/owner$$i.key --name owner$$i | tail -n 1 | sed 's/^[^:]*: //' >> $(DT)/roster.toml; done
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config configs/demo_cpu.toml \
+	  --set trust.enabled=true --set trust.roster=$(DT)/roster.toml --set 'trust.key=$(DT)/owner{rank}.key' \
+	  --set 'trust.owner=owner{rank}' --set output.dir=$(DT)/run --set output.resume=false
+
 # Beyond the paper (experiments/suites.py): 4 owners with a hostile one; label-skewed owners; DP noise.
 robust skew dp: $(STAMP) data
 	$(PY) -m experiments.suites $@
@@ -47,6 +57,19 @@ robust skew dp: $(STAMP) data
 # unify-dist avg vs DistributedDataParallel over a 100 Mbit/s link between two network namespaces (root).
 netns: $(STAMP) data
 	PYTHON=$(PY) launch/netns_time_to_accuracy.sh configs/paper_v.toml
+
+# unify-dist vs DDP vs Flower FedAvg (deployment engine and legacy API) over shaped links between three network
+# namespaces (root): round overhead, bytes per host, time to 88%; results/bench_links.json and a plot. QUICK=1: a
+# few minutes. flwr and matplotlib go into .flwr/ with pip --target, not into .venv: a separate venv would need a
+# torch of its own (gigabytes, and none offline), while flwr's own pins (numpy, protobuf, grpcio, cryptography)
+# must not change what unify-dist runs with; only Flower's processes and the plot put .flwr/ on their path.
+FLWR_DIR := .flwr
+$(FLWR_DIR)/.installed:
+	$(PY) -m pip install -q --target $(FLWR_DIR) "flwr==1.42.*" matplotlib
+	touch $@
+
+bench-links: $(STAMP) data $(FLWR_DIR)/.installed
+	PYTHON=$(PY) FLWR_DIR=$(FLWR_DIR) launch/netns_bench_links.sh
 
 clean:
 	rm -rf runs results .pytest_cache
