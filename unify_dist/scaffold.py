@@ -21,11 +21,15 @@ __all__ = ["Scaffold"]
 
 
 class Scaffold:
-    """Control variates of one owner, over the model's trainable parameters (flat, one collective)."""
+    """Control variates of one owner, over the model's trainable parameters (flat, one collective).
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None):
+    `reducer`: anything with `all_reduce(tensor, op)` (a SealedRing with trust on: c_i is data-derived, so
+    it crosses the wire sealed like a unify); None: gloo's all_reduce on `group`.
+    """
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None, reducer=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.group = group
+        self.group, self.reducer = group, reducer
         n = sum(p.numel() for p in self.params)
         device = self.params[0].device if self.params else None
         self.mine = torch.zeros(n, device=device)  # c_i
@@ -64,7 +68,10 @@ class Scaffold:
         if self._steps:
             torch.div(self._grad_sum, self._steps, out=self.mine)
         self.shared.copy_(self.mine)
-        dist.all_reduce(self.shared, dist.ReduceOp.SUM, group=self.group)  # collective
+        if self.reducer is None:
+            dist.all_reduce(self.shared, dist.ReduceOp.SUM, group=self.group)  # collective
+        else:
+            self.reducer.all_reduce(self.shared, dist.ReduceOp.SUM)  # collective, through the reducer (sealed)
         self.shared.div_(dist.get_world_size(self.group))
 
     def state_dict(self) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
     state.unifier.core.reducer = reducer  # None: the group's collectives; else the sealed ring and/or host staging
+    if state.scaffold is not None:
+        state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     start = _resume(cfg, ctx, ckpt, state, members, out)
@@ -145,9 +147,6 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
                 "owner's place, and anyone on the path can read and change every owner's weights; set [trust]"
             )
         return None
-    unsealed = [what for what, on in (("train.scaffold", cfg.train.scaffold), ("unify.rule = auto", cfg.unify.rule == "auto")) if on]
-    if unsealed:
-        raise UserError(f"trust.enabled does not seal the collectives of {' and '.join(unsealed)} yet; turn them off or trust off")
     if ctx.backend == "nccl":
         raise UserError("trust.enabled seals host bytes over gloo, not NCCL: set dist.backend = 'gloo' and, to train on "
                         "the GPU, dist.device = 'cuda' (each unify is staged through pinned host memory)")  # fmt: skip
@@ -282,8 +281,12 @@ def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, roun
             correct, total = per_class_correct(model, data.val, data.num_classes)
             counts += correct + total
     summed = torch.tensor(counts, dtype=torch.float64, device=ctx.wire_device)
-    with stage(f"auto vote in round {round_}", ctx):
-        dist.all_reduce(summed)  # collective: the same counts, so the same choice, on every rank
+    reducer = unifier.core.reducer  # trust on: the sealed ring (the counts describe the owners' data)
+    with stage(f"auto vote in round {round_}", ctx):  # collective: the same counts, so the same choice, everywhere
+        if reducer is None:
+            dist.all_reduce(summed)
+        else:
+            reducer.all_reduce(summed)  # whole numbers in float64: exact in any order, the vote is trust off's
     per_rule = summed.view(len(rules), 2, data.num_classes)
     seen = per_rule[0, 1] > 0
     scores = (per_rule[:, 0, seen] / per_rule[:, 1, seen]).mean(1).tolist()  # balanced validation accuracy
