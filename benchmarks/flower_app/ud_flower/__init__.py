@@ -1,0 +1,1 @@
+"""FedAvg with Flower over unify-dist's own owners' shares and model: the Flower side of `make bench-links`."""
