@@ -1,0 +1,75 @@
+"""benchmarks/links_summary.py on hand-made run directories (no network, no processes): overhead, bytes, ratios."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.links_summary import summarise, system_rounds
+
+
+def _run(path: Path, kind: str, launch: float, files: dict[str, list[dict]], tx: dict[int, list[tuple[float, int]]]) -> None:
+    path.mkdir(parents=True)
+    (path / "kind").write_text(kind + "\n")
+    (path / "launch").write_text(f"{launch}\n")
+    for name, rows in files.items():
+        (path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for host, samples in tx.items():
+        (path / f"tx_h{host}.tsv").write_text("".join(f"{t} {b}\n" for t, b in samples))
+
+
+def _unify(path: Path) -> None:
+    """Rounds start at 100, 110, 120 (the last is only an end); training 6 s on owner 0, 7 s on owner 1."""
+    clocks = [[{"round": r + 1, "train_start": 100 + 10 * r + o * 0.5, "train_end": 106 + 10 * r + o} for r in range(3)] for o in (0, 1)]
+    metrics = [{"round": r + 1, "unified_test_acc": 0.5 + 0.2 * r, "time": 108 + 10 * r,
+                "owners": [{"unify_s": 1.0, "unify_bytes": 900}, {"unify_s": 1.5, "unify_bytes": 900}]} for r in range(3)]  # fmt: skip
+    tx = {0: [(100, 0), (110, 2000), (120, 4000)], 1: [(100, 0), (120, 1000)]}
+    _run(path, "unify", 90.0, {"clock_rank0.jsonl": clocks[0], "clock_rank1.jsonl": clocks[1], "metrics.jsonl": metrics}, tx)
+
+
+def _flower(path: Path) -> None:
+    """Rounds of 20 s with the slowest client training 7 s; the server (host 2) sends 3000 bytes a round."""
+    rounds = [{"round": r + 1, "start": 100 + 20 * r, "end": 120 + 20 * r, "time": 120 + 20 * r, "unified_test_acc": 0.6 + 0.3 * r,
+               "clients": [{"train_s": 6.0, "setup_s": 2.0}, {"train_s": 7.0, "setup_s": 3.0}], "eval": [{"setup_s": 2.5}]}
+              for r in range(2)]  # fmt: skip
+    _run(path, "flower", 95.0, {"rounds.jsonl": rounds}, {2: [(100, 0), (140, 6000)]})
+
+
+def _ddp(path: Path) -> None:
+    epochs = [{"epoch": e + 1, "test_acc": 0.7 + 0.1 * e, "time": 130 + 30 * e, "train_s": 25.0, "started": 100.0} for e in range(3)]
+    _run(path, "ddp", 92.0, {"metrics.jsonl": epochs}, {0: [(100, 0), (190, 9000)]})
+
+
+def test_unify_round_overhead_is_the_round_minus_the_slowest_owners_training(tmp_path: Path) -> None:
+    _unify(tmp_path / "u")
+    s = system_rounds(tmp_path / "u")
+    assert len(s["rounds"]) == 2  # the last round has no next start
+    assert s["rounds"][0]["wall_s"] == pytest.approx(10.0)
+    assert s["rounds"][0]["train_s"] == pytest.approx(6.5)  # owner 1: 106 + 1 - 100.5
+    assert s["median_overhead_s"] == pytest.approx(3.5)
+    assert s["rounds"][0]["tx_bytes"] == {"h0": 2000, "h1": 500}  # linear between samples
+    assert s["median_unify_s"] == 1.5
+
+
+def test_flower_and_ddp_figures_and_the_ratios(tmp_path: Path) -> None:
+    _unify(tmp_path / "runs" / "resnet18_100mbit" / "unify")
+    _flower(tmp_path / "runs" / "resnet18_100mbit" / "flower")
+    _ddp(tmp_path / "runs" / "resnet18_100mbit" / "ddp")
+    _unify(tmp_path / "runs" / "tta" / "unify")
+    _flower(tmp_path / "runs" / "tta" / "flower")
+    _ddp(tmp_path / "runs" / "tta" / "ddp")
+    result = summarise(tmp_path / "runs", 0.88, ["tta_rate=100mbit"])
+    case = result["overhead"]["resnet18_100mbit"]
+    assert case["flower"]["median_overhead_s"] == pytest.approx(13.0)
+    assert case["flower"]["median_tx_bytes_h2"] == 3000
+    assert case["ddp"]["rounds"][0]["overhead_s"] == pytest.approx(30.0 - 6.5)  # epoch minus unify-dist's training
+    ratio = result["overhead_ratios"]["resnet18_100mbit"]["overhead_unify_over_flower"]
+    assert ratio == pytest.approx(3.5 / 13.0)
+    assert result["targets"]["overhead_unify_over_flower"]["met"] is False  # 0.27 > 0.25
+    tta = result["time_to_accuracy"]
+    assert tta["unify"]["rounds_to_target"] == 3 and tta["unify"]["launch_to_target_s"] == pytest.approx(128 - 90)
+    assert tta["flower"]["launch_to_target_s"] == pytest.approx(140 - 95)
+    assert tta["ddp"]["training_to_target_s"] == pytest.approx(190 - 100)
+    assert result["time_to_accuracy_ratios"]["tta_unify_over_ddp"] == pytest.approx(38 / 98)
