@@ -78,14 +78,14 @@ def _netns_missing() -> str | None:
 
 @contextlib.contextmanager
 def _relayed(tmp: Path, flip_at: int) -> Iterator[tuple[str, Path]]:
-    """A fresh namespace (loopback up, IPv4 only) whose owner connections go through the relay; removed,
-    rules and all, on leaving. Yields the namespace's name and the relay's log."""
+    """A fresh namespace (loopback up, IPv4 only) whose connections go through the relay, all but the
+    agents' rendezvous store's: gloo's pairs, and the workers' own store (a few hundred bytes, passed on
+    unchanged). Removed, rules and all, on leaving. Yields the namespace's name and the relay's log."""
     ns, log = f"ud-relay-{os.getpid()}", tmp / "relay.log"
     nat = ["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp"]
     steps = [
         ["ip", "netns", "add", ns],
         ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],  # the rules are IPv4's
         [*nat, "-m", "mark", "--mark", str(MARK), "-j", "RETURN"],  # the relay's own connections go straight
         [*nat, "--dport", str(STORE_PORT), "-j", "RETURN"],  # the rendezvous store: not unify traffic
         [*nat, "-o", "lo", "-j", "REDIRECT", "--to-ports", str(RELAY_PORT)],  # every other connection: the relay
@@ -94,6 +94,9 @@ def _relayed(tmp: Path, flip_at: int) -> Iterator[tuple[str, Path]]:
     try:
         for step in steps:
             subprocess.run(step, check=True, capture_output=True)
+        # the rules are IPv4's: no ::1 for gloo to pick (a kernel without IPv6 has nothing to turn off)
+        no_ipv6 = ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]
+        subprocess.run(no_ipv6, capture_output=True)
         cmd = ["ip", "netns", "exec", ns, sys.executable, str(RELAY), "--port", str(RELAY_PORT),
                "--flip-at", str(flip_at), "--log", str(log)]  # fmt: skip
         relay = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -112,7 +115,8 @@ def _torchrun_in(ns: str, args: list[str]) -> subprocess.CompletedProcess:
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{STORE_PORT}",
            "--monitor-interval=2",  # the owner that stops second is not ended by torchrun before it speaks
            "-m", "unify_dist", "train", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # the host name may not resolve in here
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _records(run_dir: Path) -> list[dict]:
