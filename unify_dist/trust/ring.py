@@ -28,6 +28,10 @@ SEGMENT_BYTES = 1 << 20
 """Bytes per sealed message: small enough to overlap sealing with sending, large enough to amortise a message."""
 
 
+_AHEAD = 1 << 20
+"""First message tag of a step's forwarded stream (a step has fewer segments than this: SEGMENT_BYTES each)."""
+
+
 class SealedRing:
     """A reducer for Collective: `all_reduce(tensor, op)` (SUM or MAX) and `all_gather(out, tensor)`, sealed.
 
@@ -60,9 +64,14 @@ class SealedRing:
         if scratch is None or scratch.numel() < size:  # kept across calls, as the sealed buffers are
             scratch = self._pool[f"scratch {flat.dtype}"] = torch.empty(size, dtype=flat.dtype)
         r, n = self.rank, self.world
-        for s in range(n - 1):  # reduce-scatter: after n-1 steps rank r holds chunk (r + 1) mod n complete
+        for s in range(n - 2):  # reduce-scatter: after n-1 steps rank r holds chunk (r + 1) mod n complete
             self._step(chunks[(r - s) % n], chunks[(r - s - 1) % n], f"{call} reduce {s}", combine, scratch)
-        self._circulate(chunks, 1, f"{call} gather")
+        # The last reduce step forwards each segment as soon as it is complete: the all-gather's first step
+        # rides on it instead of waiting for the whole chunk (sealing overlaps the wire, as gloo's ring does).
+        s = n - 2
+        self._step(chunks[(r - s) % n], chunks[(r - s - 1) % n], f"{call} reduce {s}", combine, scratch,
+                   forward=(f"{call} gather 0", chunks[r % n]))  # fmt: skip
+        self._circulate(chunks, 1, f"{call} gather", start=1)
         self._settle(call)
 
     def all_gather(self, out: list[Tensor], tensor: Tensor) -> None:
@@ -83,20 +92,32 @@ class SealedRing:
         self._bad = None
         return f"call {self.calls}"
 
-    def _circulate(self, blocks: list[Tensor], shift: int, label: str) -> None:
+    def _circulate(self, blocks: list[Tensor], shift: int, label: str, start: int = 0) -> None:
         """Ring all-gather: rank r starts holding blocks[(r + shift) mod n]; each step forwards the block
         just received, so after n-1 steps every rank holds every block, as its owner's exact bytes."""
         r, n = self.rank, self.world
-        for s in range(n - 1):
+        for s in range(start, n - 1):
             self._step(blocks[(r + shift - s) % n], blocks[(r + shift - s - 1) % n], f"{label} {s}", None, None)
 
-    def _step(self, send: Tensor, recv: Tensor, label: str, combine, scratch: Tensor | None) -> None:
+    def _step(self, send: Tensor, recv: Tensor, label: str, combine, scratch: Tensor | None,
+              forward: tuple[str, Tensor] | None = None) -> None:  # fmt: skip
         """Send `send` to the next rank and receive the previous rank's matching chunk into `recv`:
-        combined into it (reduce) or copied over it (gather), segment by segment. Point-to-point."""
+        combined into it (reduce) or copied over it (gather), segment by segment. Point-to-point.
+
+        `forward` (label, block): also the next gather step, pipelined: each segment of `recv`, once
+        complete, is sealed and sent on to the next rank, and the previous rank's forwarded segments
+        arrive into `block`. Every message sealed to a peer is opened there in the same order (the
+        nonces are counters): all of this step's segments first, then the forwarded ones.
+        """
         nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         recv_parts, send_parts = self._segments(recv), self._segments(send)
         boxes = self._boxes("recv", recv_parts)
         pending = [dist.irecv(b, src=self._global(prv), group=self.group, tag=k) for k, b in enumerate(boxes)]
+        if forward is not None:  # tags from _AHEAD on: the two streams never match each other's messages
+            ahead, ahead_parts = _AHEAD, self._segments(forward[1])
+            ahead_boxes = self._boxes("recv ahead", ahead_parts)
+            ahead_pending = [dist.irecv(b, src=self._global(prv), group=self.group, tag=ahead + k) for k, b in enumerate(ahead_boxes)]
+            onward = self._boxes("send ahead", recv_parts)
         sends = []
         for k, (part, sealed) in enumerate(zip(send_parts, self._boxes("send", send_parts))):
             self.links[nxt].seal_into(_bytes(part), f"{label} segment {k}", sealed.numpy())
@@ -106,9 +127,16 @@ class SealedRing:
             target = part if combine is None else scratch[: part.numel()]
             if not self.links[prv].open_into(box.numpy(), f"{label} segment {k}", _bytes(target)):
                 self._bad = self._bad or (prv, self.rank)  # not combined; everyone learns it in _settle
-                continue
-            if combine is not None:
+            elif combine is not None:
                 combine(part, target, out=part)
+            if forward is not None:  # sent even when bad: the next rank is waiting for it
+                self.links[nxt].seal_into(_bytes(part), f"{forward[0]} segment {k}", onward[k].numpy())
+                sends.append(dist.isend(onward[k], dst=self._global(nxt), group=self.group, tag=ahead + k))
+        if forward is not None:
+            for k, (req, box, part) in enumerate(zip(ahead_pending, ahead_boxes, ahead_parts)):
+                req.wait()
+                if not self.links[prv].open_into(box.numpy(), f"{forward[0]} segment {k}", _bytes(part)):
+                    self._bad = self._bad or (prv, self.rank)
         for req in sends:
             req.wait()
 
