@@ -9,6 +9,9 @@ measurements spawn their own gloo groups on 127.0.0.1 (one thread per owner), so
 Extra memory is the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
 over its resident set just before the first call, so it includes what gloo allocates; the buffers the
 implementation itself allocates are reported beside it.
+
+The trust section times the sealed ring (trust on: AES-256-GCM over gloo point-to-point) against gloo's
+all_reduce of the same bytes, with the cipher's throughput on one core beside it.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "train_epoch_vs_plain_loop": (">=", 0.95),
     "stream_epoch_vs_dataloader": (">=", 0.95),
     "stream_rss_100n_vs_n": ("<=", 1.05),
+    "sealed_vs_plain_loopback": ("<=", 2.00),
 }
-SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream")
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust")
 FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
 QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-items", type=int, default=None,
                    help="N for the streamed epoch's memory at N, 10N, 100N generated items (default 1000; quick 64)")
     p.add_argument("--skip-stream", action="store_true", help="leave out the streamed epoch section")
+    p.add_argument("--skip-trust", action="store_true", help="leave out the sealed (trust on) vs plain unify section")
     return p
 
 
@@ -470,6 +475,21 @@ class NoiseImages(torch.utils.data.Dataset):
         return torch.randn(self.shape, generator=g), i % self.classes
 
 
+def _trust_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Sealed ring (trust on) against gloo's all_reduce of the same bytes, each model and owner count,
+    and AES-256-GCM's throughput on one core beside it (benchmarks/trust_bench.py)."""
+    try:
+        from benchmarks.trust_bench import cipher_mb_s, measure
+    except ImportError as e:  # GPU images without `cryptography`
+        return {"skipped": f"trust needs the cryptography package ({e})"}
+    rows = []
+    for w in args.owners:
+        for name, t in measure(w, args.models, args.repeats).items():
+            rows.append(_ratio_row("trust", name, w, t["floats"], "sealed all_reduce", t["sealed_s"],
+                                   "gloo all_reduce same bytes", t["plain_s"], "sealed_vs_plain_loopback"))  # fmt: skip
+    return {"rows": rows, "cipher_one_core": cipher_mb_s(reps=3 if args.quick else 10)}
+
+
 def _stream_section(args: argparse.Namespace) -> dict[str, Any]:
     """The streamed path against the DataLoader loop anyone would write, and its memory at N, 10N, 100N items."""
     rate = _stream_throughput(args.epoch_images, args.epoch_repeats)
@@ -599,12 +619,15 @@ def _print(result: dict[str, Any]) -> None:
     main = Table(title="unify-dist bench: ratios against baselines timed in the same run (medians)")
     for col in ("case", "owners", "params", "measured", "value", "baseline", "value ", "ratio", "target", "result"):
         main.add_column(col, justify="right" if col in ("owners", "params", "ratio") else "left")
-    for row in result["unify"] + result["epoch"].get("rows", []) + result["stream"].get("rows", []):
+    for row in result["unify"] + result["epoch"].get("rows", []) + result["stream"].get("rows", []) + result["trust"].get("rows", []):
         mark = "" if row["pass"] is None else ("[green]pass[/]" if row["pass"] else "[red]FAIL[/]")
         value, base = _value(row)
         main.add_row(row["case"], str(row["owners"]), f"{row['params']:,}", row["measured"], value, row["baseline"],
                      base, f"{row['ratio']:.2f}", row["target"] or "", mark)  # fmt: skip
     console.print(main)
+    if "cipher_one_core" in result["trust"]:
+        c = result["trust"]["cipher_one_core"]
+        console.print(f"AES-256-GCM on one core: seal {c['seal_MB_s']:.0f} MB/s, open {c['open_MB_s']:.0f} MB/s")
     _print_simple(console, "absmax: time and extra memory (peak RSS rise; scratch = buffers the code allocates)",
                   result["absmax_memory"], {"model": str, "owners": str, "impl": str, "time_s": _fmt_s,
                   "ratio_vs_avg": "{:.2f}".format, "scratch_bytes": _fmt_bytes,
@@ -679,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "collective_cost": _cost_rows(models, args.chunk_elements),
         "epoch": {} if args.skip_epoch else _epoch_section(args),
         "stream": {} if args.skip_stream else _stream_section(args),
+        "trust": {} if args.skip_trust else _trust_section(args),
     }
     _print(result)
     out = Path(args.out)

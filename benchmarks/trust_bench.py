@@ -60,19 +60,23 @@ def _time(rank: int, world: int, raws: list[bytes], sizes: dict[str, int], reps:
     return out
 
 
+def measure(owners: int, models: list[str], reps: int) -> dict[str, dict[str, float]]:
+    """model -> {floats, plain_s, sealed_s, ratio}: `owners` ranks, one all_reduce SUM of the model's state size."""
+    sizes = {}
+    for name in models:
+        model = build_model(ModelConfig(name=name), (1, 28, 28), 10)
+        sizes[name] = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    timings = run_world(_time, owners, fresh_keys(owners), sizes, reps)[0]  # rank 0's clock
+    return {name: {"floats": sizes[name], "plain_s": t["plain"], "sealed_s": t["sealed"], "ratio": t["sealed"] / t["plain"]}
+            for name, t in timings.items()}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--owners", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    sizes = {}
-    for name in ("paper_cnn", "resnet18"):
-        model = build_model(ModelConfig(name=name), (1, 28, 28), 10)
-        sizes[name] = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
-    timings = run_world(_time, args.owners, fresh_keys(args.owners), sizes, args.reps)[0]  # rank 0's clock
-    report = {"owners": args.owners, "cipher_one_core": cipher_mb_s()}
-    for name, t in timings.items():
-        report[name] = {"floats": sizes[name], "plain_s": t["plain"], "sealed_s": t["sealed"], "ratio": t["sealed"] / t["plain"]}
+    report = {"owners": args.owners, "cipher_one_core": cipher_mb_s(), **measure(args.owners, ["paper_cnn", "resnet18"], args.reps)}
     print(json.dumps(report, indent=1))
 
 

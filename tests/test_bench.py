@@ -36,8 +36,8 @@ def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> No
     assert all(result[s] for s in SECTIONS), [s for s in SECTIONS if not result[s]]
     ratios = _ratios(result)
     assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), ratios
-    targeted = [r for r in result["unify"] + result["epoch"]["rows"] + result["stream"]["rows"] if r["target"]]
-    assert len(targeted) == 6 and all(isinstance(r["pass"], bool) for r in targeted)
+    targeted = [r for r in result["unify"] + result["epoch"]["rows"] + result["stream"]["rows"] + result["trust"]["rows"] if r["target"]]
+    assert len(targeted) == 7 and all(isinstance(r["pass"], bool) for r in targeted)
     assert [m["items"] for m in result["stream"]["memory"]] == [16, 160, 1600]  # N, 10N, 100N, each in its own process
     assert {r["impl"] for r in result["absmax_memory"]} == {"avg", "absmax_reduce", "absmax_gather"}
     assert "avg unify" in proc.stdout and "average_parameters" in proc.stdout  # the table was printed
