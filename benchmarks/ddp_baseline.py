@@ -62,6 +62,11 @@ def train_ddp(cfg: RunConfig, ctx: Context, target: float, out_dir: Path) -> lis
         with stage(f"DDP epoch {epoch}", ctx):
             loss = train_epoch(ddp, optimizer, data.train, cfg.train.batch_size, g)  # all_reduce every step
         train_s = time.perf_counter() - t0
+        with stage(f"buffers after epoch {epoch}", ctx):
+            # DDP sends rank 0's buffers at the start of each forward, so after the last step every rank holds
+            # its own BatchNorm statistics (resnet18 failed the identity check below); send them once more.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)  # collective
         correct, total = count_correct(model, data.test)
         counts = torch.tensor([correct, total, loss], dtype=torch.float64, device=ctx.device)
         with stage(f"test counts in epoch {epoch}", ctx):
