@@ -61,13 +61,20 @@ begin_run() {  # DIR KIND: a fresh run directory, the launch time, the byte coun
 }
 
 end_run() {  # DIR: stop whatever is left (samplers included), note the machine's load
+  if [ -n "$watcher" ]; then  # its own links_stop must be over before the next run's processes start
+    if [ ! -e "$1/stopped" ]; then pkill -P "$watcher" 2>/dev/null || true; fi  # target never reached
+    wait "$watcher" 2>/dev/null || true
+    watcher=
+  fi
   links_stop
   uptime >"$1/load"
   echo "$me:   done in $(awk -v now="${EPOCHREALTIME/,/.}" '{printf "%.0f", now - $1}' "$1/launch") s;$(cat "$1/load")"
 }
 
+watcher=
 watch_target() {  # METRICS FIELD: in the background, stop the namespaces' processes once FIELD >= target
   ( "$python" benchmarks/time_to_accuracy.py wait "$1" "$2" "$target" && touch "$(dirname "$1")/stopped" && links_stop ) &
+  watcher=$!  # end_run waits for it: a links_stop still running would kill the next run's processes
 }
 
 wait_for() {  # DIR SECONDS: until DIR/done (the server finished) or DIR/stopped (at the target), or SECONDS pass
