@@ -49,7 +49,7 @@ def test_two_nodes_meet_at_a_c10d_endpoint(tmp_path: Path, data_root) -> None:
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
             "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
             "-m", "unify_dist", "train", "--config", "configs/demo_cpu.toml", *SMALL,
-            "--set", "train.max_rounds=2", "--set", f"output.dir={tmp_path}",
+            "--set", "train.max_rounds=2", "--set", "train.threads=1", "--set", f"output.dir={tmp_path}",
         ]  # fmt: skip
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [a.communicate(timeout=300) for a in agents]

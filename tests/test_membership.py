@@ -25,7 +25,7 @@ OWNERS = ["ana", "ben", "cai"]
 RUN = [
     "train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=900", "--set", "data.test_size=300",
     "--set", "train.local_epochs=2", "--set", f"train.owners={json.dumps(OWNERS)}", "--set", "train.min_owners=2",
-    "--set", "output.progress=false", "--set", "dist.timeout_s=30",
+    "--set", "output.progress=false", "--set", "dist.timeout_s=30", "--set", "train.threads=1",
 ]  # fmt: skip
 
 

@@ -70,7 +70,7 @@ def test_trust_off_across_machines_warns(tmp_path: Path, data_root) -> None:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=trust-off", "-m", "unify_dist", "train",
-            *SMALL, "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path}",
+            *SMALL, "--set", "train.max_rounds=1", "--set", "train.threads=1", "--set", f"output.dir={tmp_path}",
         ]  # fmt: skip
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [a.communicate(timeout=300) for a in agents]
