@@ -186,3 +186,48 @@ def test_public_surface_is_documented() -> None:
         obj = getattr(ud, name)
         assert name == "__version__" or (obj.__doc__ or "").strip() or isinstance(obj, dict), name
     assert ">>>" in (ud.register_rule.__doc__ or "") and "same_start" in (ud.__doc__ or "")
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def _layouts(rank: int, world: int, channels_last: list[bool]) -> dict:
+    """One round of the same owners' training in the layout each rank is given; the unified weights."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    if channels_last[rank]:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        ud.same_start(model)
+        unifier = ud.Unifier(model, rule="avg")
+    except ValueError as e:
+        return {"error": str(e)}
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(32, 3, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    unifier.unify()
+    return {"kept": model.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last[rank],
+            "unified": {k: v.clone() for k, v in model.state_dict().items()}}  # fmt: skip
+
+
+def test_channels_last_model_keeps_its_layout_and_unifies_like_a_contiguous_one() -> None:
+    plain = run_world(_layouts, 2, [False, False])
+    fast = run_world(_layouts, 2, [True, True])
+    for p, f in zip(plain, fast):
+        assert f["kept"] and p["kept"]  # the Unifier's flat buffer did not undo the layout
+        for name, value in p["unified"].items():  # same values, element by element (float rounding aside)
+            torch.testing.assert_close(f["unified"][name], value, rtol=1e-5, atol=1e-6)
+    mixed = run_world(_layouts, 2, [True, False])  # would average mismatched elements: refused
+    for r in mixed:
+        assert "'conv.weight' is (8, 3, 3, 3) float32 channels_last on rank 0 but (8, 3, 3, 3) float32 on rank 1" in r[
+            "error"], r  # fmt: skip

@@ -141,3 +141,15 @@ def test_bad_factory_through_the_cli_is_one_line_and_exit_2(data_root, tmp_path)
         "(ModuleNotFoundError: No module named 'no_such_pkg'); install the package that holds it (or put its folder "
         "on PYTHONPATH) and write 'module.path:function'"
     ]
+
+
+def test_builtin_conv_models_are_channels_last_unless_told_otherwise():
+    for name in ("paper_cnn", "resnet18"):
+        fast = build_model(ModelConfig(name=name), (1, 28, 28), 10)
+        plain = build_model(ModelConfig(name=name, channels_last=False), (1, 28, 28), 10)
+        conv = [m for m in fast.modules() if isinstance(m, nn.Conv2d)][-1].weight  # the first has 1 input channel
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous(), name
+        assert all(p.is_contiguous() for p in plain.parameters()), name
+        assert fast(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    tabular = build_model(ModelConfig(name="mlp"), (30,), 2)  # no convolution: nothing to change
+    assert all(p.is_contiguous() for p in tabular.parameters())

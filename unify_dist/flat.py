@@ -1,7 +1,8 @@
 """A model's state as views into one contiguous buffer, so a unify is one collective and copies nothing.
 
 After `FlatState(model)`, every floating-point parameter and buffer of the model *is* a slice of
-`flat.values`: a collective on that buffer changes the model in place. Integer buffers (BatchNorm's
+`flat.values`: a collective on that buffer changes the model in place. Each keeps its memory layout
+(a channels_last weight stays channels_last; its slice holds the elements in memory order). Integer buffers (BatchNorm's
 num_batches_tracked) live in a second, small int64 buffer. Build it after moving the model to its device
 and before creating the optimizer; in-place updates (optimizer steps, load_state_dict) keep the views.
 """
@@ -77,7 +78,9 @@ def _named_state(model: nn.Module) -> list[tuple[str, Tensor]]:
 def _rebind(model: nn.Module, named: list[tuple[str, Tensor]], buffer: Tensor) -> list[Slot]:
     slots, offset = [], 0
     for name, tensor in named:
-        view = buffer[offset : offset + tensor.numel()].view_as(tensor)
+        # the tensor's own memory layout when it is dense (channels_last convolutions stay channels_last)
+        strides = torch.empty_like(tensor, device="meta").stride()
+        view = buffer[offset : offset + tensor.numel()].as_strided(tensor.shape, strides)
         view.copy_(tensor.detach().to(buffer.dtype))
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)

@@ -125,8 +125,12 @@ def build_model(
         return _from_factory(cfg.factory, shape, num_classes, rank, owner or f"rank{rank}")
     builder = MODELS[cfg.name]
     if "hidden" in inspect.signature(builder).parameters:
-        return builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)
-    return builder(in_shape=shape, num_classes=num_classes)
+        model = builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)
+    else:
+        model = builder(in_shape=shape, num_classes=num_classes)
+    if cfg.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions (ModelConfig.channels_last)
+    return model
 
 
 def load_factory(key: str, value: str, rank: int, owner: str = "") -> Callable[..., object]:

@@ -98,9 +98,13 @@ def train_epoch(
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, data: Split | Stream, batch_size: int = 2048) -> tuple[Tensor, Tensor]:
+def _predictions(model: nn.Module, data: Split | Stream) -> tuple[Tensor, Tensor]:
     """(predicted class, true class) of every item, in stored order."""
     model.eval()
+    # A GPU wants big batches; a CPU core is faster when a batch's activations stay in cache (paper CNN, one
+    # thread, 8,000 images: 2048 a batch took 2.1 s, 128 a batch 0.9 s).
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    batch_size = 2048 if on_gpu else 128
     size = min(batch_size, data.eval_batch_size) if isinstance(data, Stream) else batch_size  # items may be large
     pairs = [(model(x).argmax(1), y) for x, y in data.batches(None, size)]
     return torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])

@@ -272,8 +272,22 @@ def unify_options(rule: str, options: dict[str, Any]) -> UnifyConfig:
 
 
 def structure(model: nn.Module) -> list[str]:
-    """'name:shape:dtype' of every tensor in the model's state: what owners must share to unify."""
-    return [f"{n}:{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for n, t in model.state_dict().items()]
+    """'name:shape:dtype[ layout]' of every tensor in the model's state: what owners must share to unify.
+
+    The layout counts because a unify combines the flat buffers element by element (unify_dist.flat), in
+    memory order: a channels_last weight on one owner and a contiguous one on another would be mixed up.
+    """
+    return [f"{n}:{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}{_layout(t)}" for n, t in model.state_dict().items()]
+
+
+def _layout(t: torch.Tensor) -> str:
+    """'' for the default (contiguous) layout, else a word for the one the tensor has."""
+    if t.is_contiguous():
+        return ""
+    for name, fmt in (("channels_last", torch.channels_last), ("channels_last_3d", torch.channels_last_3d)):
+        if t.dim() == (4 if name == "channels_last" else 5) and t.is_contiguous(memory_format=fmt):
+            return f" {name}"
+    return f" strides {tuple(t.stride())}"
 
 
 def check_same_structure(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
