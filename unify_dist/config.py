@@ -108,9 +108,9 @@ class ModelConfig:
     """Width of the hidden linear layer (paper_cnn and mlp)."""
     channels_last: bool = True
     """Keep the built-in convolutional models' weights (paper_cnn, resnet18) in channels_last memory layout:
-    on one CPU thread the paper CNN trains about 2x and evaluates about 4x faster (`make bench`, epoch
-    section). Every owner must choose the same (the consistency check compares layouts). A factory's model
-    keeps the layout the factory gives it."""
+    on one CPU thread the paper CNN trains 1.25x faster (`make bench`, epoch section). Every owner must
+    choose the same (the consistency check compares layouts). A factory's model keeps the layout the
+    factory gives it."""
     factory: str = ""
     """The owner's own builder, 'module.path:function', called as fn(in_shape=..., num_classes=...) and
     returning an nn.Module; {rank} and {owner} in it become the owner's rank and name. Set, it wins over name."""
