@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start every run over instead of resuming its checkpoints")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--out", default="results", help="parent folder of the run directories and of report.md")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config value for every run, e.g. model.channels_last=false")  # fmt: skip
     return p
 
 
@@ -98,13 +100,13 @@ def plan(args: argparse.Namespace) -> list[Job]:
         else:
             runs = [(f"{name}, rule {r}", out / f"{name}_{r}", [f"unify.rule={r}"]) for r in rules]
         for label, run_dir, sets in runs:
-            cmd = _train(config, [*common, *cap, *sets, f"output.dir={run_dir}"], args.nproc)
+            cmd = _train(config, [*common, *cap, *sets, *args.set, f"output.dir={run_dir}"], args.nproc)
             jobs.append(Job(f"{label}, {args.nproc} owners", run_dir, cmd))
         if not args.no_baseline:
             # One owner holding everything the owners hold together: the same total data, pooled.
             run_dir = out / f"{name}_centralised"
             pooled = [f"data.train_per_owner={args.train_per_owner * args.nproc}", "data.partition=iid"]
-            cmd = _train(config, [*common, *pooled, "unify.rule=avg", f"output.dir={run_dir}"], 1)
+            cmd = _train(config, [*common, *pooled, "unify.rule=avg", *args.set, f"output.dir={run_dir}"], 1)
             jobs.append(Job(f"{name}, centralised baseline, 1 owner", run_dir, cmd))
     return jobs
 
@@ -116,6 +118,8 @@ def _guard_resume(args: argparse.Namespace) -> None:
     """
     stamp = Path(args.out) / "reproduce.json"
     mine = {"train_per_owner": args.train_per_owner, "nproc": args.nproc}
+    if args.set:  # stamps written before --set existed have no key: the same as none given
+        mine["set"] = list(args.set)
     if stamp.is_file() and not args.fresh:
         theirs = json.loads(stamp.read_text())
         if theirs != mine:

@@ -61,3 +61,14 @@ def test_bad_option_is_one_line_and_exit_2(argv: list[str], capsys: pytest.Captu
     assert experiments.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("experiments: error:") and "\n" not in err
+
+
+def test_reproduce_passes_set_values_to_every_run(tmp_path: Path) -> None:
+    from experiments import reproduce
+
+    args = reproduce._parser().parse_args(["--envs", "v", "--set", "model.channels_last=false", "--out", str(tmp_path)])
+    jobs = reproduce.plan(args)
+    assert len(jobs) == 4  # avg, max, absmax and the centralised baseline
+    for job in jobs:
+        i = job.command.index("model.channels_last=false")
+        assert job.command[i - 1] == "--set" and job.command.index(f"output.dir={job.out_dir}") > i
