@@ -1,10 +1,11 @@
 """A model's state as views into one contiguous buffer, so a unify is one collective and copies nothing.
 
 After `FlatState(model)`, every floating-point parameter and buffer of the model *is* a slice of
-`flat.values`: a collective on that buffer changes the model in place. Each keeps its memory layout
-(a channels_last weight stays channels_last; its slice holds the elements in memory order). Integer buffers (BatchNorm's
-num_batches_tracked) live in a second, small int64 buffer. Build it after moving the model to its device
-and before creating the optimizer; in-place updates (optimizer steps, load_state_dict) keep the views.
+`flat.values`: a collective on that buffer changes the model in place. Each keeps its memory layout (a
+channels_last weight stays channels_last; its slice holds the elements in memory order). Integer buffers
+(BatchNorm's num_batches_tracked) live in a second, small int64 buffer. Build it after moving the model to
+its device and before creating the optimizer; in-place updates (optimizer steps, load_state_dict) keep the
+views.
 """
 
 from __future__ import annotations

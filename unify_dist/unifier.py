@@ -284,9 +284,10 @@ def _layout(t: torch.Tensor) -> str:
     """'' for the default (contiguous) layout, else a word for the one the tensor has."""
     if t.is_contiguous():
         return ""
-    for name, fmt in (("channels_last", torch.channels_last), ("channels_last_3d", torch.channels_last_3d)):
-        if t.dim() == (4 if name == "channels_last" else 5) and t.is_contiguous(memory_format=fmt):
-            return f" {name}"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return " channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return " channels_last_3d"
     return f" strides {tuple(t.stride())}"
 
 
