@@ -61,8 +61,10 @@ def test_sealed_unify_leaves_no_weight_bytes_on_the_wire(tmp_path: Path) -> None
     if reason:
         pytest.skip(reason)
     pcap = tmp_path / "lo.pcap"
-    dump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-s", "0", "-Z", "root", "-w", str(pcap), "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # --immediate-mode: each packet reaches tcpdump at once. Without it the kernel hands packets over in
+    # blocks, up to a second late, and the SIGINT below came first: the unify is the owners' last act.
+    dump = subprocess.Popen(["tcpdump", "-i", "lo", "--immediate-mode", "-U", "-s", "0", "-Z", "root", "-w", str(pcap),
+                             "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert "listening on" in dump.stderr.readline()  # capturing before the owners start
         seeds = tuple(int(s) for s in torch.randint(0, 1 << 30, (2,)))
