@@ -1,7 +1,9 @@
 """Owners that leave and come back, with real torchrun agents (one owner each) meeting at a c10d endpoint.
 
 An owner is killed for good in round 2: the other two carry on. It comes back later under the same name
-and rejoins. Every round's record names who took part, no round is counted twice, digests agree, and a
+and rejoins. The test waits on events, not on how fast rounds run: the owner to be killed is held before
+round 2's unify (tests/hooks/gate.py), so round 2 can only complete without it, and the survivors are
+held before round 3's unify until it is back, so it rejoins in round 3 however slowly its agent starts. Every round's record names who took part, no round is counted twice, digests agree, and a
 replay of the same membership history (plain fixed-size runs, one per stretch of equal membership)
 ends with the same final digest.
 """
@@ -21,6 +23,9 @@ import pytest
 
 from tests.world import free_port
 
+REPO = Path(__file__).resolve().parents[1]
+SURVIVORS_WAIT = "round=3:below=3"  # from round 3 on, no unify with fewer than all three owners
+
 OWNERS = ["ana", "ben", "cai"]
 RUN = [
     "train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=900", "--set", "data.test_size=300",
@@ -29,15 +34,18 @@ RUN = [
 ]  # fmt: skip
 
 
-def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_id: str) -> subprocess.Popen:
-    """One owner's torchrun agent, logging to a file beside the run directory."""
+def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_id: str, hold: str = "") -> subprocess.Popen:
+    """One owner's torchrun agent, logging to a file beside the run directory; `hold`: tests/hooks/gate.py's
+    UNIFY_DIST_HOLD for its worker (the program through the gate hook), '' for the plain program."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}", "--max-restarts=3",
         "--monitor-interval=0.2", "--rdzv-conf=last_call_timeout=4",
-        "-m", "unify_dist", *RUN, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={run_dir}",
+        "-m", "tests.hooks.gate" if hold else "unify_dist", *RUN, "--set", f"train.max_rounds={rounds}",
+        "--set", f"output.dir={run_dir}",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFY_DIST_OWNER": name, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFY_DIST_OWNER": name, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "UNIFY_DIST_HOLD": hold, "PYTHONPATH": str(REPO)}  # fmt: skip
     log = open(run_dir.parent / f"{run_dir.name}_{name}_{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -98,21 +106,22 @@ def _logs(tmp: Path) -> str:
 
 @pytest.mark.slow
 def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path, data_root) -> None:
-    run_dir, port, rounds = tmp_path / "elastic", free_port(), 6
+    run_dir, port, rounds = tmp_path / "elastic", free_port(), 4
     run_dir.mkdir()
-    agents = {"ana": _agent("ana", run_dir, port, "2:3", rounds, "elastic")}
+    agents = {"ana": _agent("ana", run_dir, port, "2:3", rounds, "elastic", SURVIVORS_WAIT)}
     try:
         # ana's agent hosts the rendezvous store (the first to bind the endpoint); it must not be the one killed
         _wait(lambda: _listening(port), list(agents.values()), 60, "the rendezvous endpoint")
-        agents.update({n: _agent(n, run_dir, port, "2:3", rounds, "elastic") for n in OWNERS[1:]})
+        agents["ben"] = _agent("ben", run_dir, port, "2:3", rounds, "elastic", SURVIVORS_WAIT)
+        agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic", "round=2:below=99")  # never unifies round 2
         gone = run_dir / "checkpoints" / "cai" / "round_00001.pt"
         _wait(gone.exists, list(agents.values()), 240, "round 1 checkpoint of cai")
         _kill_tree(agents["cai"].pid)  # the agent and its worker, in round 2: gone for good
         agents["cai"].wait()
-        # round 2 could only complete without cai; start it again then, leaving rounds 3-6 for it to come back
+        # round 2 can only complete without cai; the survivors then hold in round 3 until cai is back
         _wait(lambda: (run_dir / "checkpoints" / "ana" / "round_00002.pt").exists(), [agents["ana"], agents["ben"]],
               240, "round 2 without cai")  # fmt: skip
-        agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic")  # back, same name
+        agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic", SURVIVORS_WAIT)  # back, same name
         for name, proc in agents.items():
             assert proc.wait(timeout=300) == 0, f"{name}: {_logs(tmp_path)}"
     finally:
@@ -125,7 +134,8 @@ def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path,
     assert sorted(records[1]["participants"]) == ["ana", "ben"]  # round 2 went on without cai
     assert records[1]["left"] == ["cai"]
     rejoined = [r for r in records if r["joined"] == ["cai"]]
-    assert len(rejoined) == 1 and rejoined[0]["round"] >= 3, [(r["round"], r["participants"]) for r in records]
+    assert len(rejoined) == 1 and rejoined[0]["round"] == 3, [(r["round"], r["participants"]) for r in records]
+    assert all(sorted(r["participants"]) == OWNERS for r in records[2:])  # nobody unified round 3+ without cai
     for r in records:  # digests agree in every round, and every owner is named in its column
         assert len({o["digest"] for o in r["owners"]}) == 1
         assert sorted(o["name"] for o in r["owners"]) == sorted(r["participants"])
