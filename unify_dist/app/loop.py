@@ -142,7 +142,8 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
     Says which mode is in force; with trust off and owners on several machines, what that means.
     """
     if not cfg.trust.enabled:
-        out.info("trust: off: no admission, and unify traffic (weights, metrics) crosses the network in the clear")
+        out.info("trust: off: no admission, and everything between owners (weights, digests, metadata) crosses the "
+                 "network in the clear: readable and changeable on the way (never unpickled)")  # fmt: skip
         if ctx.local_world_size < ctx.world_size:  # torchrun: fewer owners here than in the group
             out.warn(
                 "owners are on several machines with trust off: anyone who reaches the rendezvous port can take an "
