@@ -121,6 +121,7 @@ class Unifier:
         self.rank = dist.get_rank(group)
         self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)
         self.core.reducer = reducer  # wired once, here: every collective of every unify goes through it
+        self._kept: _Kept | None = None  # with a reducer: the state before the current unify (made on first use)
         # The concerns, in the order they run (module docstring); None / [] when their option is off,
         # and then the core's paths run untouched (no anchor copy, not one extra pass).
         self.space = UpdateSpace(flat.values) if _needs_anchor(cfg) else None
@@ -166,11 +167,16 @@ class Unifier:
         """
         if self.core.reducer is None:  # the group's own collectives: no copy, as it always ran
             return self._unify(weight, rule, commit, verify)
-        kept = _Kept(self)  # a copy of what the call may change in place; the sealed ring writes as it goes
+        # a copy of what the call may change in place (the sealed ring writes as it goes), into buffers
+        # kept across calls: a fresh state-sized allocation per unify costs page faults, not just a copy
+        if self._kept is None:
+            self._kept = _Kept(self)
+        else:
+            self._kept.take()
         try:
             return self._unify(weight, rule, commit, verify)
         except Exception as e:
-            kept.restore()
+            self._kept.restore()
             raise _kept_note(e) from e
 
     def _unify(self, weight: float, rule: str | None, commit: bool, verify: bool) -> UnifyOutcome:
@@ -255,9 +261,23 @@ class _Kept:
         self.unifier = unifier
         self.values, self.ints = unifier.flat.values.clone(), unifier.flat.ints.clone()
         self.anchor = unifier.space.anchor.clone() if unifier.space is not None else None
-        self.momentum = [(s, s.momentum.clone() if s.momentum is not None else None)
-                         for s in unifier.unified_steps if isinstance(s, ServerMomentum)]  # fmt: skip
         self.residual = unifier.compress.residual.clone() if unifier.compress is not None else None
+        self._momentum()
+
+    def take(self) -> None:
+        """Copy the current state into the buffers kept from the first call."""
+        u = self.unifier
+        self.values.copy_(u.flat.values)
+        self.ints.copy_(u.flat.ints)
+        if self.anchor is not None:
+            self.anchor.copy_(u.space.anchor)
+        if self.residual is not None:
+            self.residual.copy_(u.compress.residual)
+        self._momentum()
+
+    def _momentum(self) -> None:
+        # ServerMomentum replaces its tensor on commit (never writes into it): keeping the reference is enough
+        self.momentum = [(s, s.momentum) for s in self.unifier.unified_steps if isinstance(s, ServerMomentum)]
 
     def restore(self) -> None:
         u = self.unifier
@@ -352,9 +372,9 @@ def check_same_structure(model: nn.Module, group: dist.ProcessGroup | None = Non
     A collective: the structures cross as UTF-8 JSON (never a pickle), through `reducer` when given.
     """
     everyone = gather_json(structure(model), group, reducer, what="a model structure")  # collective
-    if not all(isinstance(e, list) and all(isinstance(x, str) for x in e) for e in everyone):
-        odd = next(r for r, e in enumerate(everyone) if not (isinstance(e, list) and all(isinstance(x, str) for x in e)))
-        raise WireError(f"rank {odd} sent no list of tensor names where its model structure belongs; a peer is broken "
+    odd = [r for r, e in enumerate(everyone) if not (isinstance(e, list) and all(isinstance(x, str) for x in e))]
+    if odd:
+        raise WireError(f"rank {odd[0]} sent no list of tensor names where its model structure belongs; a peer is broken "
                         "or the bytes were changed on the way")  # fmt: skip
     first = everyone[0]
     for rank, theirs in enumerate(everyone[1:], start=1):
