@@ -4,7 +4,10 @@ An iptables rule (nat OUTPUT, REDIRECT) sends the owners' connections here; the 
 real destination (SO_ORIGINAL_DST), connects there itself (its own sockets carry SO_MARK, which the rules
 let through unredirected) and copies bytes both ways. Once one direction of one connection has carried
 `--flip-at` bytes, the byte at that offset goes on with its lowest bit flipped: exactly one byte, once,
-in the whole run. Every connection and the flip are logged, one line each, to `--log`.
+in the whole run. Or, with `--find HEX --put HEX`, the first time one received block of one direction
+holds the bytes FIND, the bytes from there on are overwritten with PUT (same length on the wire: a
+message replaced in place), once in the whole run. Every connection, the flip and the replacement are
+logged, one line each, to `--log`.
 
 Run it inside the owners' network namespace: `python tests/relay.py --port P --flip-at N --log FILE`;
 it prints `listening` once it accepts connections and runs until terminated.
@@ -29,8 +32,9 @@ class Relay:
     """Accepts redirected connections on 127.0.0.1:`port`; flips the byte at offset `flip_at` of the first
     direction that gets that far (never, if `flip_at` is negative)."""
 
-    def __init__(self, port: int, flip_at: int, log):
+    def __init__(self, port: int, flip_at: int, log, find: bytes = b"", put: bytes = b""):
         self.flip_at, self.log = flip_at, log
+        self.find, self.put = find, put
         self.flipped = False
         self._lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", port), backlog=64)
@@ -82,6 +86,13 @@ class Relay:
                     if flip:
                         buf[at] ^= 0x01
                         self._say(f"flipped byte {self.flip_at} of {name}")
+                where = buf.find(self.find, 0, n) if self.find else -1
+                if where >= 0 and where + len(self.put) <= n:
+                    with self._lock:
+                        put, self.flipped = not self.flipped, True
+                    if put:
+                        buf[where : where + len(self.put)] = self.put
+                        self._say(f"replaced {len(self.put)} bytes at byte {seen + where} of {name}")
                 seen += n
                 dst.sendall(view[:n])
             dst.shutdown(socket.SHUT_WR)  # pass the end of the stream on
@@ -98,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="where the REDIRECT rule sends connections")
     parser.add_argument("--flip-at", type=int, default=-1, help="offset of the byte to flip (-1: none)")
+    parser.add_argument("--find", default="", help="hex: bytes to look for in a received block")
+    parser.add_argument("--put", default="", help="hex: bytes written over them, from where they start")
     parser.add_argument("--log", required=True, help="one line per connection, stream end, and the flip")
     args = parser.parse_args(argv)
     with open(args.log, "a") as log:
-        relay = Relay(args.port, args.flip_at, log)
+        relay = Relay(args.port, args.flip_at, log, bytes.fromhex(args.find), bytes.fromhex(args.put))
         print("listening", flush=True)
         relay.serve()
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,10 @@ def _flip_offset() -> int:
     """A byte offset in the middle of round 2's unify on the rank 0 -> rank 1 stream.
 
     Per direction and round the 2-owner ring (or gloo's own all_reduce) carries about one flat state, S
-    bytes; rank 0 also sends its initial weights once (same_start, S bytes). At 2.5 S the rank 0 -> 1
-    direction is half way through round 2's unify; the other direction gets there only in round 3.
+    bytes; rank 0 also sends its initial weights once (same_start, S bytes; with trust on a sealed sum,
+    so rank 1 sends S bytes of zeros back). At 2.5 S the rank 0 -> 1 direction is half way through round
+    2's unify; with trust on the other direction gets there at about the same moment (the flip names
+    whichever link came first), with trust off only in round 3.
     """
     model = build_model(ModelConfig(name="paper_cnn"), (1, 28, 28), 10)
     flat = FlatState(model, tail=tail_size(2, model))
@@ -77,7 +79,7 @@ def _netns_missing() -> str | None:
 
 
 @contextlib.contextmanager
-def _relayed(tmp: Path, flip_at: int) -> Iterator[tuple[str, Path]]:
+def _relayed(tmp: Path, flip_at: int, relay_args: Sequence[str] = ()) -> Iterator[tuple[str, Path]]:
     """A fresh namespace (loopback up, IPv4 only) whose connections go through the relay, all but the
     agents' rendezvous store's: gloo's pairs, and the workers' own store (a few hundred bytes, passed on
     unchanged). Removed, rules and all, on leaving. Yields the namespace's name and the relay's log."""
@@ -98,7 +100,7 @@ def _relayed(tmp: Path, flip_at: int) -> Iterator[tuple[str, Path]]:
         no_ipv6 = ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]
         subprocess.run(no_ipv6, capture_output=True)
         cmd = ["ip", "netns", "exec", ns, sys.executable, str(RELAY), "--port", str(RELAY_PORT),
-               "--flip-at", str(flip_at), "--log", str(log)]  # fmt: skip
+               "--flip-at", str(flip_at), "--log", str(log), *relay_args]  # fmt: skip
         relay = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert relay.stdout.readline().strip() == "listening"
         yield ns, log
@@ -156,9 +158,12 @@ def test_flipped_byte_stops_every_owner_and_the_run_resumes(tmp_path: Path, unto
     with _relayed(tmp_path, _flip_offset()) as (ns, log):
         tampered = _torchrun_in(ns, [*RUN, *trust, "--set", f"output.dir={run_dir}"])
     assert len(_flipped(log)) == 1, log.read_text()[-3000:]
+    links = []
     for rank in (0, 1):  # every owner says it, naming the same link, and exits 1 (a failed run)
         said = [ln for ln in tampered.stderr.splitlines() if f"run failed (rank {rank}): {INTEGRITY}" in ln]
-        assert len(said) == 1 and "from rank 0 to rank 1 failed authentication" in said[0], tampered.stderr[-3000:]
+        assert len(said) == 1, tampered.stderr[-3000:]
+        links += [link for link in ("from rank 0 to rank 1", "from rank 1 to rank 0") if f"{link} failed authentication" in said[0]]
+    assert len(links) == 2 and links[0] == links[1], tampered.stderr[-3000:]
     assert tampered.stderr.count("exitcode  : 1") == 2, tampered.stderr[-3000:]  # torchrun's summary
     assert [r["round"] for r in _records(run_dir)] == [1]  # round 2 was never recorded
     assert _checkpoints(run_dir) == {"owner0": ["round_00001.pt"], "owner1": ["round_00001.pt"]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from unify_dist.config import DataConfig
 from unify_dist.errors import UserError
+from unify_dist.wire import WireError, gather_json
 
 __all__ = [
     "Owner",
@@ -408,14 +410,18 @@ def prepare_dataset(cfg: DataConfig) -> None:
         prepare(cfg)
 
 
-def load_owner_data(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None) -> OwnerData:
+def load_owner_data(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None, reducer=None) -> OwnerData:
     """This owner's train/val data and test shard: from `data.factory` when set, else the named dataset.
 
-    Every owner must call it: owner-held datasets agree on their class list with a collective on `group`.
+    Every owner must call it: owner-held datasets agree on their class list with a collective on `group`,
+    through `reducer` (trust on: the sealed ring) when given and the loader takes a `reducer` keyword.
     """
     if cfg.factory:
         return _from_factory(cfg, owner, device)
-    return DATASETS[cfg.dataset].load(cfg, owner, device, group)
+    load = DATASETS[cfg.dataset].load
+    if reducer is not None and "reducer" in inspect.signature(load).parameters:
+        return load(cfg, owner, device, group, reducer=reducer)
+    return load(cfg, owner, device, group)
 
 
 def _torchvision_class(name: str):
@@ -494,19 +500,22 @@ def _folder_problems(cfg: DataConfig) -> list[str]:
     return [] if cfg.folder else ["data.folder is empty: give each owner's image folder, e.g. 'owners/{rank}'"]
 
 
-def union_classes(mine: list[str] | str, group: dist.ProcessGroup | None = None) -> list[str]:
+def union_classes(mine: list[str] | str, group: dist.ProcessGroup | None = None, reducer=None) -> list[str]:
     """The sorted union of every owner's class names; `mine` may be an error message instead.
 
-    A collective (all_gather_object on `group`; without a process group, this owner alone): every owner
-    calls it, and if any owner sent an error, every owner raises a UserError (the failing one its own).
+    A collective (UTF-8 JSON on `group`, never a pickle, through `reducer` when given; without a process
+    group, this owner alone): every owner calls it, and if any owner sent an error, every owner raises a
+    UserError (the failing one its own).
     """
     if dist.is_available() and dist.is_initialized():
-        everyone: list[list[str] | str | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)  # collective: class names (or errors) of every owner
+        everyone = gather_json(mine, group, reducer, what="an owner's class list")  # collective: class names (or errors)
     else:
         everyone = [mine]
     if isinstance(mine, str):
         raise UserError(mine)
+    if not all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(n, str) for n in v)) for v in everyone):
+        raise WireError("an owner's class list is neither names nor an error message; a peer is broken or the bytes "
+                        "were changed on the way")  # fmt: skip
     failed = [r for r, v in enumerate(everyone) if isinstance(v, str)]
     if failed:
         raise UserError(f"loading the owners' folders failed on rank(s) {failed}; see that rank's message")
@@ -524,7 +533,7 @@ def _folder_classes(path: Path, rank: int, spec: str) -> list[str] | str:
 
 
 @register_dataset("folder", owner_held=True, problems=_folder_problems)
-def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None) -> OwnerData:
+def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: Group = None, reducer=None) -> OwnerData:
     """An owner's own folder tree (class-named subfolders), its test shard a held-out part of it.
 
     Owners may hold different classes: the class list is the sorted union of every owner's folder
@@ -532,7 +541,7 @@ def _load_folder(cfg: DataConfig, owner: Owner, device: torch.device, group: Gro
     or holds an empty folder of, simply has no images here.
     """
     path = Path(cfg.folder.replace("{rank}", str(owner.rank)).replace("{owner}", owner.name)).expanduser()
-    classes = union_classes(_folder_classes(path, owner.rank, cfg.folder), group)
+    classes = union_classes(_folder_classes(path, owner.rank, cfg.folder), group, reducer)
     samples = [(f, i) for i, c in enumerate(classes) for f in _images_in(path / c)]
     if not samples:
         kinds = ", ".join(IMAGE_SUFFIXES)

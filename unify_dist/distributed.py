@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from unify_dist.config import DistConfig
 from unify_dist.errors import UserError
+from unify_dist.wire import gather_floats, gather_json
 
 __all__ = ["Context", "init_context", "shutdown", "end_process", "agree", "stage", "CollectiveTimeout", "all_gather_floats"]
 
@@ -165,19 +166,22 @@ def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:
     return [t.tolist() for t in out]  # host sync: these figures go to the table and the JSONL
 
 
-def agree(error: str | None, ctx: Context, what: str) -> None:
+def agree(error: str | None, ctx: Context, what: str, reducer=None) -> None:
     """Raise the same UserError on every rank if any rank failed `what`: the failing owner's own message.
 
     Every rank must call this (it is a collective): a failure seen by one owner must stop all of them,
     not leave the others waiting in the next collective until the timeout. Every rank raises the same
-    words, so a launcher can print one line for the whole group.
+    words, so a launcher can print one line for the whole group. With `reducer` (trust on: the sealed
+    ring) the flags and the words travel sealed; the words are UTF-8 JSON, never a pickle.
     """
-    flags = all_gather_floats([0.0 if error is None else 1.0], ctx)
+    mine = [0.0 if error is None else 1.0]
+    flags = all_gather_floats(mine, ctx) if reducer is None else gather_floats(mine, reducer=reducer)  # collective
     failed = [r for r, (f,) in enumerate(flags) if f]
     if not failed:
         return
-    messages: list[str | None] = [None] * ctx.world_size
-    dist.all_gather_object(messages, error)  # collective, only on failure: the words travel, once
-    first = messages[failed[0]] or f"{what} failed"
+    # collective, only on failure: the words travel, once, capped (a message is one line, not a file)
+    messages = gather_json(error, reducer=reducer, limit=64 << 10, what=f"the error message of {what}")
+    said = messages[failed[0]]
+    first = said if isinstance(said, str) and said else f"{what} failed"
     also = f" (owner(s) {failed[1:]} failed {what} too)" if len(failed) > 1 else ""
     raise UserError(first + also)

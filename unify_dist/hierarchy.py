@@ -20,6 +20,8 @@ Example (2 machines x 2 GPUs = 2 owners)::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import nn
 from unify_dist.collectives import tail_size, verify_identical
 from unify_dist.flat import FlatState
 from unify_dist.unifier import Unifier, UnifyOutcome
+from unify_dist.wire import WireError, broadcast_bytes
 
 __all__ = ["OwnerGroups", "owner_groups", "HierarchicalUnifier", "average_gradients"]
 
@@ -107,15 +110,16 @@ class HierarchicalUnifier:
 
     def unify(self, weight: float = 1.0, **kwargs: Any) -> UnifyOutcome:
         """Leaders unify across owners; each owner's processes take their leader's result. A collective."""
-        outcome: list[UnifyOutcome | None] = [None]
+        mine = None
         if self.unifier is not None:
-            outcome[0] = self.unifier.unify(weight, verify=False, **kwargs)  # collective over the leaders
+            mine = self.unifier.unify(weight, verify=False, **kwargs)  # collective over the leaders
         dist.broadcast(self.flat.values, src=self.groups.leader, group=self.groups.owner)  # collective
         dist.broadcast(self.flat.ints, src=self.groups.leader, group=self.groups.owner)
-        dist.broadcast_object_list(outcome, src=self.groups.leader, group=self.groups.owner)
+        # the leader's outcome as JSON (never a pickle); the leader is rank 0 of its owner group
+        text = json.dumps(dataclasses.asdict(mine)).encode() if mine is not None else None
+        outcome = _outcome(broadcast_bytes(text, 0, self.groups.owner, limit=1 << 20, what="a unify outcome"))  # collective
         digests = verify_identical(self.flat)  # collective over every rank of every owner
-        assert outcome[0] is not None
-        return replace(outcome[0], digest=digests[0])
+        return replace(outcome, digest=digests[0])
 
     def state_dict(self) -> dict[str, Any]:
         return self.unifier.state_dict() if self.unifier is not None else {}
@@ -123,3 +127,18 @@ class HierarchicalUnifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.unifier is not None:
             self.unifier.load_state_dict(state)
+
+
+def _outcome(raw: bytes) -> UnifyOutcome:
+    """The leader's UnifyOutcome from its JSON, every field checked for its type."""
+    try:
+        fields = json.loads(raw.decode())
+        outcome = UnifyOutcome(**fields)
+        ok = (isinstance(outcome.rule, str) and isinstance(outcome.skipped, list)
+              and all(isinstance(r, int) for r in outcome.skipped) and isinstance(outcome.seconds, (int, float))
+              and isinstance(outcome.bytes_sent, int))  # fmt: skip
+    except (UnicodeDecodeError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise WireError("the owner leader's unify outcome does not parse; a process is broken or the bytes were changed on the way")
+    return outcome

@@ -46,6 +46,7 @@ from unify_dist.collectives import Collective, DivergenceError, NonFiniteError, 
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.rules import RULES, SPECS
+from unify_dist.wire import WireError, broadcast_tensor, gather_bytes, gather_json
 from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, ServerMomentum, UpdateSpace, int8_levels
 
 __all__ = ["Unifier", "UnifyOutcome", "same_start", "structure"]
@@ -78,39 +79,49 @@ class Unifier:
             (call `same_start(model)` first). Built once; the model's tensors become views of its buffer.
         rule: a registered rule name (`unify_dist.rules.RULES`; add your own with `register_rule`).
         group: the process group of the owners; None means the default (WORLD).
+        reducer: None for the group's own collectives; else an object with `all_reduce(tensor, op)` and
+            `all_gather(out, tensor)` that every collective goes through, the checks at construction
+            included: with trust on, a `unify_dist.trust.SealedRing` (sealed and authenticated), and
+            `unify_dist.staging.HostStaged` for GPU models over gloo.
         **options: any UnifyConfig field (nonfinite="skip", space="delta", update_norm_bound=1.0, ...).
+
+    With a reducer, a unify that fails (IntegrityError from the sealed ring, a peer gone, diverging
+    digests) leaves the model with exactly its weights from before the call, and its message says so.
 
     A collective to construct (it checks that every owner has the same structure and weights) and to
     call: every rank of the group must do both. `state_dict()` / `load_state_dict()` carry what lives
     across rounds (anchor, momentum, privacy spent) for checkpoints.
     """
 
-    def __init__(self, model: nn.Module, rule: str = "avg", group: dist.ProcessGroup | None = None, **options: Any):
+    def __init__(self, model: nn.Module, rule: str = "avg", group: dist.ProcessGroup | None = None, *,
+                 reducer: Any = None, **options: Any):  # fmt: skip
         cfg = unify_options(rule, options)
         world = dist.get_world_size(group)
-        check_same_structure(model, group)  # collective; ValueError naming the layer
+        check_same_structure(model, group, reducer=reducer)  # collective; ValueError naming the layer
         flat = FlatState(model, tail=tail_size(world, model))
         try:
-            verify_identical(flat, group)  # collective
+            verify_identical(flat, group, reducer)  # collective
         except DivergenceError:
             raise ValueError(
                 "owners start from different weights; call unify_dist.same_start(model) on every owner "
                 "before building the Unifier"
             ) from None
-        self._setup(flat, cfg, group)
+        self._setup(flat, cfg, group, reducer)
 
     @classmethod
-    def over(cls, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None = None) -> "Unifier":
+    def over(cls, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None = None, reducer: Any = None) -> "Unifier":
         """A Unifier over an existing FlatState whose ranks already hold the same weights (the program's
         round loop, tests, benchmarks): no structure or weight check, no collective."""
         self = cls.__new__(cls)
-        self._setup(flat, cfg, group)
+        self._setup(flat, cfg, group, reducer)
         return self
 
-    def _setup(self, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None) -> None:
+    def _setup(self, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None, reducer: Any) -> None:
         self.flat, self.cfg, self.group, self.rule = flat, cfg, group, cfg.rule
         self.rank = dist.get_rank(group)
         self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)
+        self.core.reducer = reducer  # wired once, here: every collective of every unify goes through it
+        self._kept: _Kept | None = None  # with a reducer: the state before the current unify (made on first use)
         # The concerns, in the order they run (module docstring); None / [] when their option is off,
         # and then the core's paths run untouched (no anchor copy, not one extra pass).
         self.space = UpdateSpace(flat.values) if _needs_anchor(cfg) else None
@@ -151,7 +162,24 @@ class Unifier:
         rule: another registered rule for this call only (side-by-side comparisons).
         commit: False leaves anchor and momentum as they were (a candidate that will be thrown away).
         verify: False skips the digest check (benchmarks; the round loop always verifies).
+
+        With a reducer, a failure leaves this owner's state as it was before the call (see the class).
         """
+        if self.core.reducer is None:  # the group's own collectives: no copy, as it always ran
+            return self._unify(weight, rule, commit, verify)
+        # a copy of what the call may change in place (the sealed ring writes as it goes), into buffers
+        # kept across calls: a fresh state-sized allocation per unify costs page faults, not just a copy
+        if self._kept is None:
+            self._kept = _Kept(self)
+        else:
+            self._kept.take()
+        try:
+            return self._unify(weight, rule, commit, verify)
+        except Exception as e:
+            self._kept.restore()
+            raise _kept_note(e) from e
+
+    def _unify(self, weight: float, rule: str | None, commit: bool, verify: bool) -> UnifyOutcome:
         name = rule or self.rule
         if name not in RULES:
             raise ValueError(_unknown_rule(name))
@@ -225,6 +253,53 @@ class Unifier:
             anchor.copy_(values)
 
 
+class _Kept:
+    """What a unify may change in place: the flat state, the anchor, server momentum, the compression
+    residual. The noise's privacy accounting is not rolled back: noised bytes may have left already."""
+
+    def __init__(self, unifier: Unifier):
+        self.unifier = unifier
+        self.values, self.ints = unifier.flat.values.clone(), unifier.flat.ints.clone()
+        self.anchor = unifier.space.anchor.clone() if unifier.space is not None else None
+        self.residual = unifier.compress.residual.clone() if unifier.compress is not None else None
+        self._momentum()
+
+    def take(self) -> None:
+        """Copy the current state into the buffers kept from the first call."""
+        u = self.unifier
+        self.values.copy_(u.flat.values)
+        self.ints.copy_(u.flat.ints)
+        if self.anchor is not None:
+            self.anchor.copy_(u.space.anchor)
+        if self.residual is not None:
+            self.residual.copy_(u.compress.residual)
+        self._momentum()
+
+    def _momentum(self) -> None:
+        # ServerMomentum replaces its tensor on commit (never writes into it): keeping the reference is enough
+        self.momentum = [(s, s.momentum) for s in self.unifier.unified_steps if isinstance(s, ServerMomentum)]
+
+    def restore(self) -> None:
+        u = self.unifier
+        u.flat.values.copy_(self.values)
+        u.flat.ints.copy_(self.ints)
+        if self.anchor is not None:
+            u.space.anchor.copy_(self.anchor)
+        for step, momentum in self.momentum:
+            step.momentum = momentum
+        if self.residual is not None:
+            u.compress.residual.copy_(self.residual)
+
+
+def _kept_note(error: Exception) -> Exception:
+    """`error` of the same type, saying that the model holds its weights from before the unify."""
+    note = f"{error}; this owner's model holds exactly its weights from before this unify (nothing of it was applied)"
+    try:
+        return type(error)(note)
+    except Exception:  # an exception type that takes other arguments
+        return RuntimeError(note)
+
+
 def _needs_anchor(cfg: UnifyConfig) -> bool:
     """Whether any option in use needs the previous unified state."""
     delta_rule = any(SPECS[r].delta_only for r in [cfg.rule, *cfg.compare] if r in SPECS)
@@ -291,17 +366,18 @@ def _layout(t: torch.Tensor) -> str:
     return f" strides {tuple(t.stride())}"
 
 
-def check_same_structure(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def check_same_structure(model: nn.Module, group: dist.ProcessGroup | None = None, *, reducer: Any = None) -> None:
     """Raise ValueError on every rank if any owner's model has other tensors, naming the first that differs.
 
-    A collective (all_gather_object).
+    A collective: the structures cross as UTF-8 JSON (never a pickle), through `reducer` when given.
     """
-    mine = structure(model)
-    everyone: list[list[str] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    first = everyone[0] or []
+    everyone = gather_json(structure(model), group, reducer, what="a model structure")  # collective
+    odd = [r for r, e in enumerate(everyone) if not (isinstance(e, list) and all(isinstance(x, str) for x in e))]
+    if odd:
+        raise WireError(f"rank {odd[0]} sent no list of tensor names where its model structure belongs; a peer is broken "
+                        "or the bytes were changed on the way")  # fmt: skip
+    first = everyone[0]
     for rank, theirs in enumerate(everyone[1:], start=1):
-        theirs = theirs or []
         if theirs != first:
             raise ValueError("owners' models differ: " + structure_difference(first, theirs, rank)
                              + "; every owner must build the same architecture")  # fmt: skip
@@ -324,26 +400,27 @@ def structure_difference(first: list[str], other: list[str], rank: int) -> str:
     return f"rank {rank} holds the same tensors in another order"
 
 
-def same_start(model: nn.Module, group: dist.ProcessGroup | None = None, src: int = 0) -> str:
+def same_start(model: nn.Module, group: dist.ProcessGroup | None = None, src: int = 0, *, reducer: Any = None) -> str:
     """Give every owner rank `src`'s weights (parameters and buffers), then prove it. A collective.
 
     Raises ValueError, naming the layer, when the owners' models differ in structure. Returns the
-    digest of the common weights (equal on every rank).
+    digest of the common weights (equal on every rank). With `reducer` (trust on: a SealedRing) the
+    structures, the weights and the digests all travel through it: sealed, so nobody on the path can
+    read or change them; without it they cross in the clear, readable and changeable on the way.
     """
-    check_same_structure(model, group)  # collective: a mismatch would make the broadcast itself fail
+    check_same_structure(model, group, reducer=reducer)  # collective: a mismatch would make the broadcast itself fail
     state = [t for t in (*model.parameters(), *model.buffers())]
     with torch.no_grad():
         for dtype_group in _by_dtype_device(state):
             # one broadcast per dtype and device: flat copies, not one collective per tensor
             buffer = torch.cat([t.detach().reshape(-1) for t in dtype_group])
-            dist.broadcast(buffer, src=_global(src, group), group=group)
+            broadcast_tensor(buffer, src, group, reducer)  # collective (sealed: the source's bytes plus zeros)
             offset = 0
             for t in dtype_group:
                 t.copy_(buffer[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
     digest = _state_digest(model)
-    everyone: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, digest, group=group)
+    everyone = [d.decode(errors="replace") for d in gather_bytes(digest.encode(), group, reducer, limit=64, what="a digest")]
     if len(set(everyone)) > 1:
         raise RuntimeError(f"same_start: owners still differ after the broadcast (digests {everyone})")
     return digest
@@ -358,10 +435,6 @@ def _by_dtype_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         seen.add(id(t))
         groups.setdefault((t.dtype, t.device), []).append(t)
     return list(groups.values())
-
-
-def _global(rank: int, group: dist.ProcessGroup | None) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def _state_digest(model: nn.Module) -> str:

@@ -4,8 +4,10 @@ once the rounds have begun, to prove that with trust on nothing data-derived byp
 The tests launch the program through this module (`torchrun ... -m tests.hooks.plain_watch train ...`)
 with UNIFY_DIST_PLAIN_LOG set to a folder: at the end of a run each rank writes RANK.json there, a list
 of [collective, dtype, elements] for every torch.distributed collective called from round 1's unify on
-(round 1's local training is over by then; round 2's, with SCAFFOLD's all_reduce, is watched). The
-sealed ring's point-to-point messages (isend / irecv) are not collectives and are not recorded.
+(round 1's local training is over by then; round 2's, with SCAFFOLD's all_reduce, is watched), or, with
+UNIFY_DIST_PLAIN_FROM=start, from the end of admission on (owners, data, consistency, initial weights,
+resume: the whole run after admission). The sealed ring's point-to-point messages (isend / irecv) are
+not collectives and are not recorded.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch.distributed as dist
 from unify_dist.app.cli import main as cli_main
 from unify_dist.unifier import Unifier
 
-__all__ = ["PLAIN_ENV", "PlainWatch"]
+__all__ = ["FROM_ENV", "PLAIN_ENV", "PlainWatch"]
 
 PLAIN_ENV = "UNIFY_DIST_PLAIN_LOG"
+FROM_ENV = "UNIFY_DIST_PLAIN_FROM"
 WATCHED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "all_to_all",
            "all_gather_object", "broadcast_object_list", "gather", "scatter", "reduce")  # fmt: skip
 
@@ -37,6 +40,7 @@ class PlainWatch:
         self.rank = rank
         for name in WATCHED:
             setattr(dist, name, self._recording(name, getattr(dist, name)))
+        self.armed = os.environ.get(FROM_ENV) == "start"  # hooks start right after admission
 
     def before_unify(self, round_: int, unifier: Unifier) -> None:
         self.armed = True

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import torch.distributed as dist
 from torch import nn
 
 from unify_dist import __version__
 from unify_dist.app.config import RunConfig
 from unify_dist.errors import UserError
 from unify_dist.unifier import structure, structure_difference
+from unify_dist.wire import WireError, gather_json
 
-__all__ = ["fingerprint", "check_consistency", "difference"]
+__all__ = ["fingerprint", "check_consistency", "difference", "shared_config", "LOCAL_KEYS"]
 
 ARCHITECTURE = "model architecture"
+
+LOCAL_KEYS = frozenset({
+    "output", "dist", "trust", "imports",  # where this owner writes, how it joins, its own key and paths
+    "data.root", "data.download", "data.folder", "data.workers", "data.pin_memory",  # where its data lies, how it is read
+    "train.threads", "train.owner_wait_s",  # this machine's cores, this owner's patience
+})  # fmt: skip
+"""Config keys (sections, or section.key) that are each owner's own: left out of `shared_config`."""
+
+
+def shared_config(cfg: RunConfig) -> str:
+    """The config every owner must share, as canonical JSON: every section and key but LOCAL_KEYS.
+
+    Admission binds its hash (unify_dist.trust.admission), so owners whose run directories, data roots or
+    key files differ are admitted, and owners who would train something else are named before any
+    signature is checked.
+    """
+    shared = {}
+    for section, value in cfg.to_dict().items():
+        if section in LOCAL_KEYS:
+            continue
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{section}.{k}" not in LOCAL_KEYS}
+        shared[section] = value
+    return json.dumps(shared, sort_keys=True, separators=(",", ":"))
 
 
 def fingerprint(cfg: RunConfig, model: nn.Module, classes: list[str]) -> dict[str, Any]:
@@ -33,16 +58,19 @@ def fingerprint(cfg: RunConfig, model: nn.Module, classes: list[str]) -> dict[st
     }
 
 
-def check_consistency(mine: dict[str, Any], world_size: int) -> None:
+def check_consistency(mine: dict[str, Any], world_size: int, reducer=None) -> None:
     """Gather every owner's fingerprint; raise a UserError naming each differing field and its ranks.
 
-    A collective (all_gather_object): every rank calls it, and every rank raises the same error.
+    A collective (the fingerprints cross as UTF-8 JSON, never a pickle; through `reducer` when given,
+    with trust on sealed): every rank calls it, and every rank raises the same error.
     """
-    everyone: list[dict[str, Any] | None] = [None] * world_size
-    dist.all_gather_object(everyone, mine)
+    everyone = gather_json(mine, reducer=reducer, what="a consistency fingerprint")  # collective
+    odd = [r for r, fp in enumerate(everyone) if not isinstance(fp, dict)]
+    if odd:
+        raise WireError(f"rank {odd[0]} sent no fingerprint table; a peer is broken or the bytes were changed on the way")
     problems = []
     for key in mine:
-        values = [fp[key] for fp in everyone]  # type: ignore[index]
+        values = [fp.get(key, "<missing>") for fp in everyone]  # decoded JSON on every rank, this one's too
         odd = [r for r, v in enumerate(values) if v != values[0]]
         if odd:
             problems.append(f"'{key}' differs: {difference(key, values[0], values[odd[0]], odd)}")

@@ -23,7 +23,7 @@ from torch import nn
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
 from unify_dist.app.owners import Membership, agree_on_owners
-from unify_dist.app.consistency import check_consistency, fingerprint
+from unify_dist.app.consistency import check_consistency, fingerprint, shared_config
 from unify_dist.app.console import Reporter
 from unify_dist.app.state import TrainState
 from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data, prepare_dataset
@@ -36,6 +36,7 @@ from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
+from unify_dist.wire import WireError, broadcast_bytes, gather_json
 from unify_dist.collectives import tail_size, verify_identical
 
 if TYPE_CHECKING:  # the trust package needs `cryptography`, imported only when trust is on
@@ -58,16 +59,17 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         if hasattr(hook, "start"):
             hook.start(ctx.rank, ctx.world_size, out.info)
     named = cfg.trust.owner.replace("{rank}", str(ctx.rank)) if cfg.trust.enabled else ""  # admitted by it
-    members = agree_on_owners(cfg.train, ctx, out.info, named)  # collective: who is here, by name
-    data = load_data(cfg, ctx, members)
+    # From here on every collective takes `reducer`: None, the group's own (trust off: in the clear);
+    # else the sealed ring (trust on) and/or host staging. No metadata crosses as a pickle either way.
+    members = agree_on_owners(cfg.train, ctx, out.info, named, reducer=reducer)  # collective: who is here, by name
+    data = load_data(cfg, ctx, members, reducer)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
     with stage("consistency check", ctx):
-        check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
+        check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size, reducer)  # collective
     with stage("broadcast initial weights", ctx):
-        same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
+        same_start(model, reducer=reducer)  # collective: rank 0's initial weights everywhere, proven identical
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
-    state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
-    state.unifier.core.reducer = reducer  # None: the group's collectives; else the sealed ring and/or host staging
+    state = TrainState(cfg, model, Unifier.over(flat, cfg.unify, reducer=reducer))
     if state.scaffold is not None:
         state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
@@ -140,7 +142,8 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
     Says which mode is in force; with trust off and owners on several machines, what that means.
     """
     if not cfg.trust.enabled:
-        out.info("trust: off: no admission, and unify traffic (weights, metrics) crosses the network in the clear")
+        out.info("trust: off: no admission, and everything between owners (weights, digests, metadata) crosses the "
+                 "network in the clear: readable and changeable on the way (never unpickled)")  # fmt: skip
         if ctx.local_world_size < ctx.world_size:  # torchrun: fewer owners here than in the group
             out.warn(
                 "owners are on several machines with trust off: anyone who reaches the rendezvous port can take an "
@@ -155,7 +158,9 @@ def _admit(cfg: RunConfig, ctx: Context, out: Reporter) -> SealedRing | None:
     except ImportError as e:
         raise UserError(f"trust.enabled needs the cryptography package ({e}); install it: pip install cryptography") from None
     t = cfg.trust
-    reducer = join(t.roster, t.key, t.owner, f"{cfg.name}|{cfg.output.dir}|{ctx.world_size}", ctx)  # collective
+    # The run id binds what owners must share (the config but its local paths and keys: another run
+    # directory is no reason to refuse an owner), and admission names a mismatch in it as one.
+    reducer = join(t.roster, t.key, t.owner, shared_config(cfg), ctx)  # collective
     out.info(describe(reducer.admission))
     return reducer
 
@@ -170,10 +175,11 @@ def _gather_figures(values: list[float], ctx: Context, reducer: SealedRing | Non
     return [t.tolist() for t in out]
 
 
-def load_data(cfg: RunConfig, ctx: Context, members: Membership) -> OwnerData:
+def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: SealedRing | None = None) -> OwnerData:
     """One process per machine fetches or unpacks the files; then every owner loads its own share.
 
-    Failures are agreed on (a collective) so that one owner's missing files stop everyone at once.
+    Failures are agreed on (a collective) so that one owner's missing files stop everyone at once. Every
+    collective here goes through `reducer` when given (trust on: sealed).
     """
     check_owner_count(cfg.data, ctx.world_size)  # the same verdict on every rank: no agreement needed
     error = None
@@ -183,18 +189,18 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership) -> OwnerData:
         except UserError as e:
             error = str(e)
     with stage("dataset preparation", ctx):
-        agree(error, ctx, "preparing the dataset")
+        agree(error, ctx, "preparing the dataset", reducer)
     data, error = None, None
     try:
         owner = Owner(ctx.rank, ctx.world_size, cfg.train.seed, members.name, members.index, len(members.roster))
-        data = load_owner_data(cfg.data, owner, ctx.device)  # folder: a collective agrees on the class list
+        data = load_owner_data(cfg.data, owner, ctx.device, reducer=reducer)  # folder: a collective agrees on the class list
     except UserError as e:
         error = str(e)
     with stage("dataset loading", ctx):
-        agree(error, ctx, "loading the owner's data")
+        agree(error, ctx, "loading the owner's data", reducer)
     assert data is not None
     with stage("training image counts", ctx):
-        counts = all_gather_floats([float(len(data.train))], ctx)  # collective: every rank names the same owners
+        counts = _gather_figures([float(len(data.train))], ctx, reducer)  # collective: every rank names the same owners
     empty = [r for r, (n,) in enumerate(counts) if n == 0]
     if empty:  # an owner with nothing to learn from would unify its random start and sink everyone to chance
         raise UserError(
@@ -408,10 +414,10 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
     if not cfg.output.resume:
         ckpt.clear()
         return 0
-    everyone: list[dict[int, list[str]] | None] = [None] * ctx.world_size
+    reducer = state.unifier.core.reducer  # trust on: sealed, as everything after admission
     with stage("resume agreement", ctx):
-        dist.all_gather_object(everyone, ckpt.readable())  # collective
-    held = [e or {} for e in everyone]
+        listed = [[r, names] for r, names in ckpt.readable().items()]  # JSON: {round: owners} as pairs
+        held = [_held(e, rank) for rank, e in enumerate(gather_json(listed, reducer=reducer, what="a checkpoint list"))]  # collective
     round_, source = _resume_point(held, members.present)
     if round_ == 0:
         return 0
@@ -426,14 +432,25 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
     everyone_had_it = all(round_ in h for h in held)  # the same verdict on every rank
     with stage("resume from a peer", ctx):
         if not everyone_had_it:
-            _take_from(source, state, needed=round_ not in mine, reducer=state.unifier.core.reducer)  # collective
-        verify_identical(state.unifier.flat)  # collective
+            _take_from(source, state, needed=round_ not in mine, reducer=reducer)  # collective
+        verify_identical(state.unifier.flat, None, reducer)  # collective
     if everyone_had_it:
         out.info(f"resumed from round {round_} (every owner had it)")
     else:
         late = [n for n, h in zip(members.present, held) if round_ not in h]
         out.info(f"resumed from round {round_} ({members.present[source]}'s checkpoint); taken from it: {', '.join(late)}")
     return round_
+
+
+def _held(entry: object, rank: int) -> dict[int, list[str]]:
+    """One rank's [[round, [owner, ...]], ...] as {round: owners}, every part checked for its type."""
+    ok = isinstance(entry, list) and all(
+        isinstance(e, list) and len(e) == 2 and type(e[0]) is int and isinstance(e[1], list) and all(isinstance(n, str) for n in e[1])
+        for e in entry
+    )  # fmt: skip
+    if not ok:
+        raise WireError(f"rank {rank}'s checkpoint list does not parse; a peer is broken or the bytes were changed on the way")
+    return {r: names for r, names in entry}  # type: ignore[union-attr]
 
 
 def _resume_point(held: list[dict[int, list[str]]], present: list[str]) -> tuple[int, int]:
@@ -444,6 +461,10 @@ def _resume_point(held: list[dict[int, list[str]]], present: list[str]) -> tuple
         if all(round_ in held[rank] for rank, name in enumerate(present) if name in took_part):
             return round_, holders[0]
     return 0, 0
+
+
+_HANDOVER_SLACK = 64 << 20
+"""Bytes a resume hand-over may hold beyond 8 flat states: the records of every round so far."""
 
 
 def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing | None = None) -> None:
@@ -458,23 +479,25 @@ def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing
     torch.save({"unifier": state.unifier.state_dict(), "records": state.records}, payload)
     mine = torch.frombuffer(bytearray(payload.getvalue()), dtype=torch.uint8)
     parts = [flat.buffer, flat.ints]
+    cap = _HANDOVER_SLACK + 8 * flat.buffer.numel() * flat.buffer.element_size()  # anchor, momentum, residual, records
     if reducer is None:
         for t in parts:
             dist.broadcast(t, src=source)  # collective; equal bits on the owners that had the round
-        shared = [mine]
-        dist.broadcast_object_list(shared, src=source)
-        blob = shared[0]
+        received = broadcast_bytes(mine.numpy().tobytes(), source, limit=cap, what="a resume hand-over")  # collective
+        blob = torch.frombuffer(bytearray(received), dtype=torch.uint8) if received else torch.zeros(0, dtype=torch.uint8)
     else:
         is_source = dist.get_rank() == source
         size = torch.tensor([mine.numel() if is_source else 0], dtype=torch.int64)
         reducer.all_reduce(size)  # collective, sealed
+        if not 0 < int(size) <= cap:
+            raise WireError(f"the resume hand-over from rank {source} claims {int(size)} bytes, outside 1..{cap}")
         blob = mine if is_source else torch.zeros(int(size), dtype=torch.uint8)
         for t in [*parts, blob]:
             raw = t.view(torch.uint8)
             if not is_source:
                 raw.zero_()
             reducer.all_reduce(raw)  # integer sum of one owner's bytes and zeros: exactly the source's bytes
-    if needed:
+    if needed:  # weights_only: tensors, numbers, strings, lists, dicts; never code from the wire
         shared_state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
         state.unifier.load_state_dict(shared_state["unifier"])
         state.records[:] = shared_state["records"]

@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 from unify_dist.config import TrainConfig
 from unify_dist.distributed import Context
 from unify_dist.errors import UserError
+from unify_dist.wire import WireError, gather_json
 
 __all__ = ["OWNER_ENV", "Membership", "agree_on_owners"]
 
@@ -68,16 +67,20 @@ def own_name(cfg: TrainConfig, ctx: Context, roster_name: str = "") -> str:
 
 
 def agree_on_owners(
-    cfg: TrainConfig, ctx: Context, say: Callable[[str], None], roster_name: str = "", sleep=time.sleep
+    cfg: TrainConfig, ctx: Context, say: Callable[[str], None], roster_name: str = "", sleep=time.sleep, reducer=None
 ) -> Membership:
     """Every rank's name, gathered and checked; too few owners waits, then stops. A collective.
 
-    The same UserError is raised on every rank (they all see the same gathered names).
+    The same UserError is raised on every rank (they all see the same gathered names). The names travel
+    as UTF-8 JSON (never a pickle), through `reducer` when given (trust on: sealed).
     """
     mine = own_name(cfg, ctx, roster_name)
-    present: list[str | None] = [None] * ctx.world_size
-    dist.all_gather_object(present, mine)
-    names = [str(n) for n in present]
+    present = gather_json(mine, reducer=reducer, limit=4096, what="an owner's name")  # collective
+    if not all(isinstance(n, str) for n in present):
+        odd = next(r for r, n in enumerate(present) if not isinstance(n, str))
+        raise WireError(f"rank {odd} sent {str(present[odd])[:40]!r} where its owner name belongs; a peer is broken "
+                        "or the bytes were changed on the way")  # fmt: skip
+    names = list(present)
     roster = list(cfg.owners) or names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

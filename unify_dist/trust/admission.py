@@ -1,9 +1,12 @@
 """Admission: before any data-derived byte leaves a rank, every rank proves it is a roster owner.
 
 Protocol (every rank, one all_gather of hellos and one of signatures, over the plain group):
-  1. hello = owner name, identity public key, a fresh 32-byte nonce, a fresh X25519 public key;
-  2. every rank checks every hello against the roster: known key, the name the roster gives that key,
-     no owner twice, no nonce twice;
+  1. hello = owner name, identity public key, a fresh 32-byte nonce, a fresh X25519 public key, and the
+     hashes of what owners must share: the run id (the program's: its shared config, no local paths)
+     and the roster;
+  2. every rank compares every hello's two hashes with slot 0's (a mismatch is named as one: "runs
+     another configuration", "holds another roster"), then checks every hello against the roster: known
+     key, the name the roster gives that key, no owner twice, no nonce twice;
   3. transcript = run id + every rank's slot and hello; each rank signs it with its Ed25519 key;
   4. every rank verifies every signature. Fresh nonces from every honest owner bind the transcript to
      this run, so a signature recorded from another run (a replay) does not verify.
@@ -32,10 +35,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from unify_dist.errors import UserError
 from unify_dist.trust.identity import Roster, public_bytes, public_text
 
-__all__ = ["Admission", "AdmissionError", "admit", "HELLO_BYTES"]
+__all__ = ["Admission", "AdmissionError", "admit", "check_shared", "roster_hash", "HELLO_BYTES"]
 
 NAME_BYTES = 64
-HELLO_BYTES = NAME_BYTES + 32 + 32 + 32  # name, identity key, nonce, ephemeral X25519 key
+HELLO_BYTES = NAME_BYTES + 32 + 32 + 32 + 32 + 32  # name, identity key, nonce, ephemeral X25519 key, run and roster hashes
 SIGNATURE_BYTES = 64
 
 
@@ -63,6 +66,7 @@ def admit(identity: Ed25519PrivateKey, owner: str, roster: Roster, run_id: str, 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ephemeral = X25519PrivateKey.generate()
     hello = _hello(owner, public_bytes(identity), secrets.token_bytes(32), _raw(ephemeral.public_key()))
+    hello += hashlib.sha256(run_id.encode()).digest() + roster_hash(roster)  # what every owner must share
     hellos = _all_gather_bytes(hello, world, group)  # collective: public values only
     problems = check_hellos(hellos, roster)
     if problems:
@@ -76,7 +80,7 @@ def admit(identity: Ed25519PrivateKey, owner: str, roster: Roster, run_id: str, 
     keys, pair = {}, {}
     for peer in range(world):
         if peer != rank:
-            shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(hellos[peer][-32:]))
+            shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(_fields(hellos[peer])[3]))
             keys[peer] = (_derive(shared, digest, f"link {rank}>{peer}"), _derive(shared, digest, f"link {peer}>{rank}"))
             pair[peer] = _derive(shared, digest, f"secure-sum {min(rank, peer)}-{max(rank, peer)}")
     owners = [_fields(h)[0] for h in hellos]
@@ -84,7 +88,12 @@ def admit(identity: Ed25519PrivateKey, owner: str, roster: Roster, run_id: str, 
 
 
 def check_hellos(hellos: list[bytes], roster: Roster) -> list[str]:
-    """Every slot's problems with its hello: an unknown key, a wrong name, an owner or nonce seen twice."""
+    """Every slot's problems with its hello: another run id or roster than slot 0's (only those, when
+    any: the roster checks below would differ from rank to rank), an unknown key, a wrong name, an owner
+    or nonce seen twice."""
+    mismatches = check_shared(hellos)
+    if mismatches:
+        return mismatches
     problems, holders, nonces = [], {}, {}
     for slot, hello in enumerate(hellos):
         name, key, nonce, _ = _fields(hello)
@@ -100,6 +109,28 @@ def check_hellos(hellos: list[bytes], roster: Roster) -> list[str]:
         holders.setdefault(name, slot)
         nonces.setdefault(nonce, slot)
     return problems
+
+
+def check_shared(hellos: list[bytes]) -> list[str]:
+    """Every slot whose run id (the program's shared config) or roster hash differs from slot 0's."""
+    problems = []
+    first = _shared(hellos[0])
+    for slot, hello in enumerate(hellos[1:], start=1):
+        run, roster = _shared(hello)
+        if run != first[0]:
+            problems.append(f"rank slot {slot} runs another configuration: its shared-config hash {run.hex()[:12]} is "
+                            f"not rank slot 0's {first[0].hex()[:12]} (every config section but local paths and keys "
+                            "must match: docs/trust.md)")  # fmt: skip
+        if roster != first[1]:
+            problems.append(f"rank slot {slot} holds another roster: hash {roster.hex()[:12]}, rank slot 0's "
+                            f"{first[1].hex()[:12]}")  # fmt: skip
+    return problems
+
+
+def roster_hash(roster: Roster) -> bytes:
+    """SHA-256 of the roster's names and keys in name order: equal exactly when two rosters are."""
+    lines = sorted(f"{name}={public_text(key)}\n" for name, key in roster.owners.items())
+    return hashlib.sha256("".join(lines).encode()).digest()
 
 
 def check_signatures(transcript: bytes, hellos: list[bytes], signatures: list[bytes]) -> list[str]:
@@ -139,6 +170,12 @@ def _fields(hello: bytes) -> tuple[str, bytes, bytes, bytes]:
     return name, rest[:32], rest[32:64], rest[64:96]
 
 
+def _shared(hello: bytes) -> tuple[bytes, bytes]:
+    """(run id hash, roster hash) of a hello."""
+    rest = hello[NAME_BYTES + 96 :]
+    return rest[:32], rest[32:64]
+
+
 def _raw(key: X25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -156,4 +193,6 @@ def _all_gather_bytes(mine: bytes, world: int, group: dist.ProcessGroup | None) 
 
 
 def _refusal(problems: list[str]) -> str:
-    return "admission refused: " + "; ".join(problems) + "; no weight was sent (fix the roster, trust.key or trust.owner)"
+    mismatch = any(" runs another configuration" in p or " holds another roster" in p for p in problems)
+    fix = "give every owner the same config and roster" if mismatch else "fix the roster, trust.key or trust.owner"
+    return "admission refused: " + "; ".join(problems) + f"; no weight was sent ({fix})"

@@ -42,5 +42,5 @@ def describe(admission: Admission) -> str:
     """The start-up line of a run with trust on."""
     session = hashlib.sha256(admission.transcript_hash).hexdigest()[:12]
     slots = ", ".join(f"{slot}={name}" for slot, name in enumerate(admission.owners))
-    return (f"trust: on: admitted roster owners {slots} (session {session}); every unify message is sealed "
+    return (f"trust: on: admitted roster owners {slots} (session {session}); every message after admission is sealed "
             "(AES-256-GCM, keys from X25519 per pair and direction)")  # fmt: skip
