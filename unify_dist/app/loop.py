@@ -327,7 +327,7 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
     with stage(f"metrics gather in round {round_}", ctx):
         gathered = _gather_figures([*mine, outcome.bytes_sent], ctx, reducer)  # collective: the same figures everywhere
-    digests = [outcome.digest] * ctx.world_size  # verified equal on every rank by unify
+    digests = outcome.digests  # every rank's own, gathered (and compared) by unify
     record = _record(cfg, round_, [row[:-1] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
         owner["unify_bytes"] = int(row[-1])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
