@@ -144,3 +144,19 @@ def test_a_final_model_that_is_not_the_last_rounds_is_named(signed_run, tmp_path
     torch.save(final, run_dir / "final.pt")
     code, out = _verify(run_dir, signed_run[1])
     assert code == 1 and len(out) == 1 and out[0].startswith("round 2: ") and "hashes to" in out[0], out
+
+
+def test_verify_in_worker_processes_finds_what_one_process_finds(tmp_path: Path) -> None:
+    from benchmarks.record_bench import make_run
+    from unify_dist.app.audit import verify_run
+
+    run_dir = tmp_path / "run"
+    roster = make_run(run_dir, rounds=300, owners=8)  # 2,400 signatures: enough for the worker processes
+    assert verify_run(run_dir, roster, workers=2)[0] == []
+    lines = _lines(run_dir)
+    lines[149] = lines[149].replace('"unified_test_acc": 0.8798', '"unified_test_acc": 0.8799')
+    del lines[200]  # round 201
+    _write(run_dir, lines)
+    alone, _ = verify_run(run_dir, roster, workers=1)
+    assert verify_run(run_dir, roster, workers=2)[0] == alone
+    assert [p.split(":")[0] for p in alone] == ["round 150 (line 150)"] * 8 + ["round 151 (line 151)", "round 202 (line 201)"]

@@ -21,8 +21,6 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:  # the trust package needs `cryptography`, imported only when trust is on
     from unify_dist.trust import SealedRing
 
@@ -78,6 +76,7 @@ def sign_round(record: dict[str, Any], reducer: SealedRing | None) -> None:
     """
     if reducer is None:
         return
+    import torch
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
