@@ -160,3 +160,17 @@ def test_verify_in_worker_processes_finds_what_one_process_finds(tmp_path: Path)
     alone, _ = verify_run(run_dir, roster, workers=1)
     assert verify_run(run_dir, roster, workers=2)[0] == alone
     assert [p.split(":")[0] for p in alone] == ["round 150 (line 150)"] * 8 + ["round 151 (line 151)", "round 202 (line 201)"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_chain_and_verifies(signed_run, tmp_path: Path) -> None:
+    run_dir, roster = tmp_path / "run", signed_run[1]
+    shutil.copytree(signed_run[0], run_dir)  # checkpoints included: the run resumes from round 2
+    proc = torchrun(["train", *SMALL, *_trust(roster.parent, roster), "--set", f"output.dir={run_dir}",
+                     "--set", "output.progress=false", "--set", "train.max_rounds=3"], nproc=2)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from round 2" in proc.stdout + proc.stderr
+    records = [json.loads(ln) for ln in _lines(run_dir)]
+    assert [r["round"] for r in records] == [1, 2, 3] and records[2]["previous"] == record_hash(records[1])
+    code, out = _verify(run_dir, roster)
+    assert code == 0 and out[0].startswith(f"verified {run_dir}: 3 rounds, 2 owners"), out
