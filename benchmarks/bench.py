@@ -11,7 +11,9 @@ over its resident set just before the first call, so it includes what gloo alloc
 implementation itself allocates are reported beside it.
 
 The trust section times the sealed ring (trust on: AES-256-GCM over gloo point-to-point) against gloo's
-all_reduce of the same bytes, with the cipher's throughput on one core beside it.
+all_reduce of the same bytes, with the cipher's throughput on one core beside it. The records section
+times `unify-dist verify` over 1,000 signed rounds of 8 owners and what signing costs an owner per round
+(benchmarks/record_bench.py); its targets are absolute (seconds, bytes), not ratios.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "stream_rss_100n_vs_n": ("<=", 1.05),
     "sealed_vs_plain_loopback": ("<=", 2.00),
 }
-SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust")
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust",
+            "records")
 FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
 QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N for the streamed epoch's memory at N, 10N, 100N generated items (default 1000; quick 64)")
     p.add_argument("--skip-stream", action="store_true", help="leave out the streamed epoch section")
     p.add_argument("--skip-trust", action="store_true", help="leave out the sealed (trust on) vs plain unify section")
+    p.add_argument("--skip-records", action="store_true", help="leave out the signed records section (verify, signing)")
     return p
 
 
@@ -522,6 +526,25 @@ def _trust_section(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "cipher_one_core": cipher_mb_s(reps=3 if args.quick else 10)}
 
 
+def _records_section(args: argparse.Namespace) -> dict[str, Any]:
+    """`unify-dist verify` over 1,000 signed rounds of 8 owners (quick: 100), and sign_round per owner per
+    round in real groups of each --owners count: time, bytes sent (sealed) and bytes added to the record."""
+    try:
+        from benchmarks.record_bench import TARGETS as RECORD_TARGETS, signing_cost, verify_seconds
+    except ImportError as e:  # GPU images without `cryptography`
+        return {"skipped": f"signed records need the cryptography package ({e})"}
+    verify = verify_seconds(100 if args.quick else 1000, 8, args.repeats)
+    verify["target_s"] = RECORD_TARGETS["verify_s"] * verify["rounds"] / 1000
+    verify["pass"] = verify["verify_s"] <= verify["target_s"] and verify["problems"] == 0
+    signing = []
+    for w in args.owners:
+        row = signing_cost(w, args.repeats)
+        row["pass"] = (row["sign_s"] <= RECORD_TARGETS["sign_s_per_owner_round"]
+                       and max(row["sent_bytes"], row["stored_bytes"]) <= RECORD_TARGETS["sign_bytes_per_owner_round"])  # fmt: skip
+        signing.append(row)
+    return {"verify": [verify], "signing": signing}
+
+
 def _stream_section(args: argparse.Namespace) -> dict[str, Any]:
     """The streamed path against the DataLoader loop anyone would write, and its memory at N, 10N, 100N items."""
     rate = _stream_throughput(args.epoch_images, args.epoch_repeats)
@@ -690,6 +713,18 @@ def _print(result: dict[str, Any]) -> None:
                    "held_in_memory_bytes": _fmt_bytes, "epoch_s": _fmt_s})  # fmt: skip
 
 
+def _print_records(console: Any, records: dict[str, Any]) -> None:
+    """The signed records section: verify's time and signing's cost, each with its target."""
+    mark = {True: "pass", False: "FAIL"}
+    _print_simple(console, "unify-dist verify over signed rounds (target: 1 s per 1,000 rounds of 8 owners)",
+                  records.get("verify", []), {"rounds": str, "owners": str, "verify_s": _fmt_s, "target_s": _fmt_s,
+                  "problems": str, "pass": mark.get})  # fmt: skip
+    _print_simple(console, "signing a round's record, per owner (targets: 5 ms, 1 KiB sent and stored)",
+                  records.get("signing", []), {"owners": str, "sign_s": _fmt_s, "local_s": _fmt_s,
+                  "sealed_gather_s": _fmt_s, "plain_gather_s": _fmt_s, "sent_bytes": _fmt_bytes,
+                  "stored_bytes": _fmt_bytes, "pass": mark.get})  # fmt: skip
+
+
 def _print_simple(console: Any, title: str, rows: list[dict[str, Any]], cols: dict[str, Callable[[Any], str]]) -> None:
     from rich.table import Table
 
@@ -735,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         "epoch": {} if args.skip_epoch else _epoch_section(args),
         "stream": {} if args.skip_stream else _stream_section(args),
         "trust": {} if args.skip_trust else _trust_section(args),
+        "records": {} if args.skip_records else _records_section(args),
     }
     _print(result)
     out = Path(args.out)

@@ -29,7 +29,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> No
     out = tmp_path / "bench.json"
     args = ["--quick", "--models", "paper_cnn", "--owners", "2", "--scaling-owners", "2",
             "--sizes", "5000", "--epoch-images", "256", "--stream-items", "16", "--out", str(out)]  # fmt: skip
-    proc = cli(args, timeout=180, module="benchmarks.bench")
+    proc = cli(args, timeout=300, module="benchmarks.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(SECTIONS) <= set(result), sorted(result)
@@ -41,6 +41,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path, data_root: Path) -> No
     assert [m["items"] for m in result["stream"]["memory"]] == [16, 160, 1600]  # N, 10N, 100N, each in its own process
     assert {r["impl"] for r in result["absmax_memory"]} == {"avg", "absmax_reduce", "absmax_gather"}
     assert "avg unify" in proc.stdout and "average_parameters" in proc.stdout  # the table was printed
+    verify, signing = result["records"]["verify"], result["records"]["signing"]
+    assert verify[0]["rounds"] == 100 and verify[0]["problems"] == 0 and verify[0]["verify_s"] > 0
+    assert [r["owners"] for r in signing] == [2] and signing[0]["sent_bytes"] == 120 and isinstance(signing[0]["pass"], bool)
 
 
 @pytest.mark.parametrize("bad", [["--owners", "1"], ["--models", "vgg"], ["--sizes", "many"]])

@@ -238,6 +238,10 @@ class UnifyConfig:
     to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
     dp_delta: float = 1e-5
     """Differential privacy: the delta of the (epsilon, delta) privacy cost reported each round."""
+    dp_max_epsilon: float = 0.0
+    """Differential privacy budget: the run stops before the round whose releases would take an owner's
+    epsilon (at dp_delta) past this, having saved the last affordable round (0: no budget; needs
+    dp_noise_multiplier > 0). Privacy spent is in every checkpoint, so a resumed run keeps counting."""
     compress: str = "none"
     """Transport of updates: none, bf16 / fp16 (16-bit casts), int8 (blockwise scaled), each with error
     feedback (an owner's unsent remainder joins its next update). Forces update space; sums only (avg,
@@ -274,6 +278,10 @@ class UnifyConfig:
             out.append("unify.dp_noise_multiplier needs a clipping norm: set unify.update_norm_bound > 0 (C)")
         if not 0 < self.dp_delta < 1:
             out.append(f"unify.dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_max_epsilon < 0:
+            out.append(f"unify.dp_max_epsilon must be >= 0 (0: no budget), got {self.dp_max_epsilon}")
+        if self.dp_max_epsilon > 0 and self.dp_noise_multiplier <= 0:
+            out.append(f"unify.dp_max_epsilon = {self.dp_max_epsilon} is a budget for noise: set unify.dp_noise_multiplier > 0")
         out += _compress_problems(self)
         return out
 

@@ -10,11 +10,12 @@ views.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from unify_dist.digest import state_digest
 
 __all__ = ["FlatState", "Slot"]
 
@@ -46,6 +47,8 @@ class FlatState:
         self.slots = _rebind(model, floats, self.buffer)
         self.ints = torch.empty(sum(t.numel() for _, t in ints), dtype=torch.int64, device=device)
         self.int_slots = _rebind(model, ints, self.ints)
+        # every name of every tensor, as the model's state dict has them (tied weights under each name)
+        self.named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
     @property
     def values(self) -> Tensor:
@@ -64,12 +67,9 @@ class FlatState:
         return "?"
 
     def digest(self) -> str:
-        """16 hex digits of BLAKE2b over the exact bytes of all state: equal digests mean equal bits."""
-        h = hashlib.blake2b(digest_size=8)
-        for t in (self.values, self.ints):
-            # host sync + copy on GPU; cheap next to a local epoch, and done once per round
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """16 hex digits of BLAKE2b over every named tensor (unify_dist.digest): equal digests mean equal
+        bits, and the same digest is computed offline from a state dict with these tensors."""
+        return state_digest(self.named)  # host sync + copies on GPU; once per round
 
 
 def _named_state(model: nn.Module) -> list[tuple[str, Tensor]]:

@@ -1,10 +1,22 @@
-"""What each owner can learn about the others under a rule, said before any weight leaves a rank."""
+"""What each owner can learn about the others under a rule, said before any weight leaves a rank, and
+what differential privacy costs (the accountant).
+
+Layers: this module reads the rules' specs (unify_dist.rules); rules import nothing from here. A rule
+that says what it reveals does so in its spec; every other rule gets its collective's statement here.
+"""
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
-__all__ = ["privacy_statement", "secure_avg_reveals", "REVEALS_BY_COLLECTIVE", "dp_epsilon", "dp_statement", "RDP_ORDERS"]
+from unify_dist.errors import UserError
+from unify_dist.rules import SPECS
+
+__all__ = [
+    "privacy_statement", "secure_avg_reveals", "REVEALS_BY_COLLECTIVE", "dp_epsilon", "dp_statement",
+    "RDP_ORDERS", "rdp_bound_epsilon", "rdp_accountant_epsilon", "require_dp_accounting",
+]  # fmt: skip
 
 def secure_avg_reveals(rule: str, owners: int) -> str:
     """secure_avg: masks hide single owners' weights, but with 2 owners the sum gives the peer away."""
@@ -48,8 +60,6 @@ REVEALS_BY_COLLECTIVE = {"sum": _sums, "weighted_sum": _sums, "max": _order, "ab
 
 def privacy_statement(rule: str, owners: int, absmax_impl: str = "reduce", candidates: tuple[str, ...] = ()) -> str:
     """One or two sentences on what `rule` with `owners` owners reveals to each owner."""
-    from unify_dist.rules import SPECS  # late: rules import this module
-
     if owners == 1:
         return "privacy: one owner, nothing is shared."
     if rule == "auto":
@@ -67,16 +77,78 @@ RDP_ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [
 """Renyi orders the accountant minimises over (the usual grid of RDP accountants)."""
 
 
+SENSITIVITY_IN_BOUNDS = 2.0
+"""An owner's release moves by at most 2C between any two of its datasets (||update|| <= C each), so the
+Gaussian mechanism's noise multiplier (std / sensitivity) is z C / 2C = z / 2."""
+
+
+def require_dp_accounting():
+    """The dp_accounting module, or a UserError saying how to install it (imported only when DP is on)."""
+    try:
+        import dp_accounting
+    except ImportError as e:
+        raise UserError(
+            f"unify.dp_noise_multiplier > 0 needs the dp-accounting package for its accountant ({e}); "
+            "install it: pip install 'unify-dist[dp]' (or pip install dp-accounting)"
+        ) from None
+    return dp_accounting
+
+
 def dp_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """Epsilon of `releases` Gaussian releases of one owner's clipped update, at the given delta.
 
     Each release is update + N(0, (z C)^2) with ||update|| <= C, so two datasets of that owner (any two:
     this protects the owner's whole data, not only one record) move it by at most 2C: a Gaussian
-    mechanism with sensitivity 2C and noise z C, whose Renyi DP at order a is exactly a * 2 / z^2
-    (Mironov 2017). No subsampling is involved, so this closed form is the whole curve (an accountant
-    such as Opacus' RDP accountant, outside this project's stack, computes the same numbers here).
-    Releases compose by adding RDP; the conversion to (epsilon, delta) is Balle et al. 2020, Thm 21.
+    mechanism with noise multiplier z / 2, composed `releases` times, with no subsampling. Accounted
+    with dp-accounting's privacy loss distribution (PLD) accountant, which is exact up to its
+    discretisation (pessimistic, so still an upper bound); its discretisation interval is 1e-4 of the
+    RDP answer, which keeps the cost at milliseconds and the error far below 0.01%. Where PLD cannot
+    serve (it raises, or gives no finite answer), dp-accounting's RDP accountant answers instead.
+    Cached: the loop asks for the same counts every round.
     """
+    if noise_multiplier <= 0:
+        return math.inf
+    if releases <= 0:
+        return 0.0
+    return _pld_epsilon(float(noise_multiplier), int(releases), float(delta))
+
+
+@lru_cache(maxsize=256)
+def _pld_epsilon(z: float, releases: int, delta: float) -> float:
+    dpa = require_dp_accounting()
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    rdp = rdp_accountant_epsilon(z, releases, delta)
+    if not math.isfinite(rdp) or rdp <= 0:
+        return rdp
+    event = dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(z / SENSITIVITY_IN_BOUNDS), releases)
+    try:
+        accountant = PLDAccountant(value_discretization_interval=rdp * 1e-4)
+        accountant.compose(event)
+        eps = float(accountant.get_epsilon(delta))
+    except (ValueError, ArithmeticError, MemoryError):
+        return rdp
+    return min(eps, rdp) if math.isfinite(eps) else rdp
+
+
+def rdp_accountant_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """The same releases through dp-accounting's RDP accountant (its default orders): a looser bound."""
+    if noise_multiplier <= 0:
+        return math.inf
+    if releases <= 0:
+        return 0.0
+    dpa = require_dp_accounting()
+    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier / SENSITIVITY_IN_BOUNDS), releases))
+    return float(accountant.get_epsilon(delta))
+
+
+def rdp_bound_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """The project's former hand-written bound, kept to compare: Renyi DP of the Gaussian mechanism at
+    order a is exactly 2a / z^2 here (Mironov 2017), releases add, and the conversion to (epsilon, delta)
+    is Balle et al. 2020, Thm 21, minimised over RDP_ORDERS. 6-9% above dp_epsilon's exact answer."""
     if noise_multiplier <= 0:
         return math.inf
     if releases <= 0:

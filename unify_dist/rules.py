@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from unify_dist.privacy import secure_avg_reveals
-
 __all__ = [
     "COLLECTIVES",
     "RULES",
@@ -71,7 +69,7 @@ class RuleSpec:
     than `gather`, and each must equal its reference (the tests prove it)."""
     reveals: Callable[[str, int], str] | None = None
     """(rule name, owners) -> what each owner learns of the others (said at start-up); None: the
-    default statement of its collective (unify_dist.privacy)."""
+    default statement of its collective (unify_dist.privacy, which imports this module, never the reverse)."""
     options: tuple[str, ...] = ()
     """UnifyConfig fields passed to `reference` (and `owner_step`) as keywords of the same name."""
     owner_step: Callable[..., Tensor] | None = None
@@ -187,7 +185,7 @@ def absmax_unkeys_(keys: Tensor, scratch: Tensor) -> None:
 # --- Robust rules: coordinate-wise, so the chunked gather path runs them with bounded memory. ---
 
 
-@register_rule("secure_avg", collective="masked_sum", reveals=secure_avg_reveals)
+@register_rule("secure_avg", collective="masked_sum")  # reveals: the masked sum's statement (unify_dist.privacy)
 def secure_avg(stacked: Tensor, weights: Tensor) -> Tensor:
     """The plain mean; distributed, each owner's contribution travels under pairwise masks (unify_dist.secure)."""
     return stacked.sum(0) / stacked.shape[0]

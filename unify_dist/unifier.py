@@ -69,6 +69,8 @@ class UnifyOutcome:
     bytes_sent: int = 0
     """Bytes this owner put on the wire for the unify, estimated for ring collectives (2 (W-1)/W of an
     all_reduce's buffer, W-1 times its own part of an all_gather); the digest check excluded."""
+    digests: list[str] | None = None
+    """Every rank's own digest, gathered by the identity check (rank order; None: verify=False)."""
 
 
 class Unifier:
@@ -225,7 +227,7 @@ class Unifier:
         digests = verify_identical(self.flat, self.group, self.core.reducer) if verify else None  # 5. collective
         noise = next((s for s in self.owner_steps if isinstance(s, GaussianNoise)), None)
         epsilon = noise.epsilon() if noise else None
-        return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, epsilon, self.core.bytes_sent)
+        return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, epsilon, self.core.bytes_sent, digests)
 
     def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool) -> None:
         """Local, before any collective: this owner's (clipped, noised) update, or weights = anchor + that."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from unify_dist.privacy import dp_epsilon
+from unify_dist.privacy import dp_epsilon, require_dp_accounting
 from unify_dist.rules import clip_factor, server_step
 
 __all__ = [
@@ -86,6 +86,7 @@ class GaussianNoise:
     """
 
     def __init__(self, multiplier: float, bound: float, delta: float):
+        require_dp_accounting()  # the accountant's package: a one-line UserError now, not after the first round
         self.multiplier, self.bound, self.delta = multiplier, bound, delta
         self.releases = 0
         self._generator: torch.Generator | None = None  # seeded on first use

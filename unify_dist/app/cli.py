@@ -1,4 +1,4 @@
-"""Command line: `unify-dist train|report|launch ...` (also `python -m unify_dist ...`).
+"""Command line: `unify-dist train|report|keygen|verify|launch ...` (also `python -m unify_dist ...`).
 
 A user's mistake (UserError) becomes one line on stderr and exit code 2; a run that fails for other
 reasons (a dead owner, a timeout, diverging weights) becomes one line and exit code 1. Set
@@ -49,6 +49,12 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from unify_dist.app.audit import main as verify_main
+
+    return verify_main(args.run_dir, args.roster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unify-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", required=True, help="private key file to write, e.g. owner.key (never overwritten)")
     keygen.add_argument("--name", default="OWNER", help="this owner's roster name, for the printed roster line")
     keygen.set_defaults(func=_keygen)
+    verify = sub.add_parser("verify", help="check a run's signed round records and final.pt offline against the roster")
+    verify.add_argument("run_dir", help="the run directory (output.dir: metrics.jsonl and final.pt)")
+    verify.add_argument("--roster", required=True, help="the roster.toml the owners ran with ([owners] name = public key)")
+    verify.set_defaults(func=_verify)
     launch = sub.add_parser(
         "launch", help="torchrun with one line per failure: unify-dist launch [torchrun options] -- train ...",
     )  # fmt: skip

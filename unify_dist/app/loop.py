@@ -10,6 +10,7 @@ and tests.hooks.faults are two.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -25,18 +26,21 @@ from unify_dist.app.config import RunConfig
 from unify_dist.app.owners import Membership, agree_on_owners
 from unify_dist.app.consistency import check_consistency, fingerprint, shared_config
 from unify_dist.app.console import Reporter
+from unify_dist.app.record import chain, fingerprint_hash, sign_round
 from unify_dist.app.state import TrainState
 from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data, prepare_dataset
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
 from unify_dist.models import build_model
-from unify_dist.privacy import dp_statement, privacy_statement
+from unify_dist.rules import SPECS
+from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.wire import WireError, broadcast_bytes, gather_json
+from unify_dist.wrappers import GaussianNoise
 from unify_dist.collectives import tail_size, verify_identical
 
 if TYPE_CHECKING:  # the trust package needs `cryptography`, imported only when trust is on
@@ -68,6 +72,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size, reducer)  # collective
     with stage("broadcast initial weights", ctx):
         same_start(model, reducer=reducer)  # collective: rank 0's initial weights everywhere, proven identical
+    config_hash = fingerprint_hash(fingerprint(cfg, model, data.classes))  # what every owner checked equal
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify, reducer=reducer))
     if state.scaffold is not None:
@@ -79,6 +84,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
+        if not _affordable(cfg, state.unifier, round_, out):  # the same verdict on every rank: same counts
+            break
         # 1. Train locally, on this owner's data only.
         loss = _train_locally(cfg, members.index, state, data, round_, out)
         local = _evaluate_local(cfg, model, data)
@@ -98,6 +105,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
         record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
         _name_owners(record, members, state.records)
+        _bind(record, cfg, config_hash, state.records)
+        sign_round(record, reducer)  # collective with trust on: every owner signs the same record, sealed
         state.records.append(record)
         out.round_row(record)
         metrics.append(record)
@@ -128,6 +137,33 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
+        first = dp_epsilon(u.dp_noise_multiplier, releases, u.dp_delta)
+        if u.dp_max_epsilon > 0 and first > u.dp_max_epsilon:
+            raise UserError(
+                f"unify.dp_max_epsilon = {u.dp_max_epsilon:g} affords no round: one round ({releases} release(s)) costs "
+                f"epsilon {first:.4g} at delta {u.dp_delta:g}; raise unify.dp_max_epsilon or unify.dp_noise_multiplier"
+            )
+
+
+def _affordable(cfg: RunConfig, unifier: Unifier, round_: int, out: Reporter) -> bool:
+    """Whether this round's DP releases keep every owner within unify.dp_max_epsilon; if not, say so once.
+
+    Every owner releases the same number of noised updates per round, so the count (restored from the
+    checkpoint on resume) and the verdict are the same on every rank.
+    """
+    u = cfg.unify
+    noise = next((s for s in unifier.owner_steps if isinstance(s, GaussianNoise)), None)
+    if u.dp_max_epsilon <= 0 or noise is None:
+        return True
+    after = dp_epsilon(u.dp_noise_multiplier, noise.releases + _releases_per_round(cfg), u.dp_delta)
+    if after <= u.dp_max_epsilon:
+        return True
+    out.info(
+        f"privacy budget: round {round_} would take each owner's epsilon to {after:.4g} > unify.dp_max_epsilon = "
+        f"{u.dp_max_epsilon:g} (delta {u.dp_delta:g}); stopping after round {round_ - 1} (epsilon {noise.epsilon():.4g}), "
+        "which is saved"
+    )
+    return False
 
 
 def _staged(ctx: Context) -> str:
@@ -313,6 +349,16 @@ class _trial:
         self.flat.ints.copy_(self.ints)
 
 
+def _bind(record: dict[str, Any], cfg: RunConfig, config_hash: str, records: list[dict[str, Any]]) -> None:
+    """What the round ran under (the rule used and its options, the config fingerprint's hash), and the
+    hash of the round before: the same on every owner, so every owner can sign it."""
+    rule = record["rule_used"]
+    options = {k: getattr(cfg.unify, k) for k in SPECS[rule].options} if rule in SPECS else {}
+    record["unify"] = {"rule": rule, **options}
+    record["config"] = config_hash
+    chain(record, records[-1] if records else None)
+
+
 def _name_owners(record: dict[str, Any], members: Membership, records: list[dict[str, Any]]) -> None:
     """Name each owner's column, and who took part in this round, joined or left since the round before."""
     for entry, name in zip(record["owners"], members.present):
@@ -331,16 +377,21 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     (local_val, local_pc) = local
     mine = [len(data.train), loss, *local_val, *unified_val, outcome.seconds, *candidates]
     mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
+    dp = [outcome.dp_epsilon, cfg.unify.dp_delta] if outcome.dp_epsilon is not None else [math.nan, math.nan]
+    extra = [outcome.bytes_sent, time.time(), *dp]  # per owner: wire bytes, clock, privacy spent
     with stage(f"metrics gather in round {round_}", ctx):
-        gathered = _gather_figures([*mine, outcome.bytes_sent], ctx, reducer)  # collective: the same figures everywhere
-    digests = [outcome.digest] * ctx.world_size  # verified equal on every rank by unify
-    record = _record(cfg, round_, [row[:-1] for row in gathered], digests, outcome.skipped, data.num_classes)
+        gathered = _gather_figures([*mine, *extra], ctx, reducer)  # collective: the same figures everywhere
+    digests = outcome.digests  # every rank's own, gathered (and compared) by unify
+    n = len(extra)
+    record = _record(cfg, round_, [row[:-n] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
-        owner["unify_bytes"] = int(row[-1])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
+        owner["unify_bytes"] = int(row[-n])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
+    record["time"] = gathered[0][-n + 1]  # rank 0's clock, shared: every owner holds (and signs) the same record
     record["rule_used"] = outcome.rule
-    if outcome.dp_epsilon is not None:  # the privacy spent so far, (epsilon, delta)-DP per owner
-        record["dp_epsilon"] = outcome.dp_epsilon
-        record["dp_delta"] = cfg.unify.dp_delta
+    spent = [row[-2:] for row in gathered if not math.isnan(row[-2])]
+    if spent:  # the privacy spent so far, (epsilon, delta)-DP per owner: the weakest owner's guarantee
+        record["dp_epsilon"] = max(e for e, _ in spent)
+        record["dp_delta"] = max(d for _, d in spent)
     return record
 
 
@@ -387,7 +438,6 @@ def _record(cfg: RunConfig, round_: int, gathered: list[list[float]], digests: l
             "unified": [unified_c[c] / max(unified_t[c], 1) for c in range(C)],
         },
         "digest": digests[0],
-        "time": time.time(),
     }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,10 @@ class Admission:
     """peer -> (key for this rank's messages to the peer, key for the peer's messages to this rank)."""
     pair_secrets: dict[int, bytes]
     """peer -> 32 bytes both ends share, for secure averaging's masks (never sent)."""
+    identities: list[bytes] = field(default_factory=list)
+    """Each rank slot's 32-byte Ed25519 identity key, as checked against the roster."""
+    signer: Ed25519PrivateKey | None = field(default=None, repr=False)
+    """This rank's identity key: it signs each round's record (unify_dist.app.record)."""
 
 
 def admit(identity: Ed25519PrivateKey, owner: str, roster: Roster, run_id: str, group: dist.ProcessGroup | None = None) -> Admission:
@@ -84,7 +88,7 @@ def admit(identity: Ed25519PrivateKey, owner: str, roster: Roster, run_id: str, 
             keys[peer] = (_derive(shared, digest, f"link {rank}>{peer}"), _derive(shared, digest, f"link {peer}>{rank}"))
             pair[peer] = _derive(shared, digest, f"secure-sum {min(rank, peer)}-{max(rank, peer)}")
     owners = [_fields(h)[0] for h in hellos]
-    return Admission(rank, owners, digest, keys, pair)
+    return Admission(rank, owners, digest, keys, pair, [_fields(h)[1] for h in hellos], identity)
 
 
 def check_hellos(hellos: list[bytes], roster: Roster) -> list[str]:

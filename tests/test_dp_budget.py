@@ -1,0 +1,82 @@
+"""Differential privacy's exact accountant (dp-accounting's PLD) and the budget unify.dp_max_epsilon.
+
+The budget is checked through the program: 2 owners under torchrun stop before the round that would
+pass it, with one line, having saved the last affordable round; the privacy spent survives a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.world import cli, torchrun
+from unify_dist.config import UnifyConfig
+from unify_dist.privacy import dp_epsilon, rdp_accountant_epsilon, rdp_bound_epsilon
+
+pytest.importorskip("dp_accounting")
+
+
+@pytest.mark.parametrize("z,rounds,exact", [(1.0, 10, 46.21), (5.0, 30, 11.19), (20.0, 30, 2.21)])
+def test_gaussian_without_subsampling_is_accounted_exactly(z: float, rounds: int, exact: float) -> None:
+    eps = dp_epsilon(z, rounds, 1e-5)
+    assert abs(eps / exact - 1) < 0.005, eps
+    # RDP (dp-accounting's, and the former hand-written bound) is 6-9% looser: the test can tell them apart
+    assert rdp_accountant_epsilon(z, rounds, 1e-5) > 1.05 * eps
+    assert rdp_bound_epsilon(z, rounds, 1e-5) > 1.05 * eps
+
+
+def test_tiny_noise_falls_back_to_rdp_and_edges_hold() -> None:
+    assert math.isfinite(dp_epsilon(1e-4, 5, 1e-5)) and dp_epsilon(1e-4, 5, 1e-5) > 1e8
+    assert dp_epsilon(0.0, 3, 1e-5) == math.inf and dp_epsilon(5.0, 0, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("changes,word", [({"dp_max_epsilon": -1.0}, "dp_max_epsilon must be >= 0"),
+                                          ({"dp_max_epsilon": 2.0}, "set unify.dp_noise_multiplier > 0")])  # fmt: skip
+def test_config_refuses_a_bad_budget(changes: dict, word: str) -> None:
+    problems = dataclasses.replace(UnifyConfig(), **changes).problems()
+    assert len(problems) == 1 and word in problems[0]
+
+
+SMALL = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=300", "--set", "data.test_size=300",
+         "--set", "output.progress=false", "--set", "unify.update_norm_bound=1.0", "--set", "unify.dp_noise_multiplier=20"]  # fmt: skip
+
+
+def test_a_budget_that_affords_no_round_is_one_line(tmp_path: Path, data_root) -> None:
+    done = cli([*SMALL, "--set", "unify.dp_max_epsilon=0.1", "--set", f"output.dir={tmp_path}"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "unify.dp_max_epsilon = 0.1 affords no round: one round (1 release(s)) costs epsilon 0.3407" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_budget_stops_before_the_round_that_would_pass_it_and_survives_resume(tmp_path: Path, data_root) -> None:
+    run_dir = tmp_path / "run"
+    common = [*SMALL, "--set", "train.max_rounds=5", "--set", f"output.dir={run_dir}"]
+    # z = 20, one release a round: epsilon 0.341, 0.497, 0.620, 0.726 after rounds 1-4 (delta 1e-5)
+    first = torchrun([*common, "--set", "unify.dp_max_epsilon=0.55"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    said = [ln for ln in (first.stdout + first.stderr).splitlines() if "privacy budget:" in ln]
+    assert len(said) == 1 and "round 3 would take each owner's epsilon to 0.62 > unify.dp_max_epsilon = 0.55" in said[0]
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert records[-1]["dp_epsilon"] == pytest.approx(dp_epsilon(20, 2, 1e-5))
+    for owner in ("rank0", "rank1"):
+        saved = sorted(p.name for p in (run_dir / "checkpoints" / owner).glob("round_*.pt"))
+        assert saved[-1] == "round_00002.pt"
+        assert int(torch.load(run_dir / "checkpoints" / owner / saved[-1], weights_only=True)["unifier"]["dp_releases"]) == 2
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert [r["round"] for r in final["metrics"]] == [1, 2]
+
+    again = torchrun([*common, "--set", "unify.dp_max_epsilon=0.7"], nproc=2)  # resumes from round 2
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from round 2" in again.stdout + again.stderr
+    assert "round 4 would take each owner's epsilon to 0.7255" in again.stdout + again.stderr
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    # spent before the resume counts: three rounds' releases, not one
+    assert records[-1]["dp_epsilon"] == pytest.approx(dp_epsilon(20, 3, 1e-5))
