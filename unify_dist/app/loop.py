@@ -138,8 +138,9 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
         first = dp_epsilon(u.dp_noise_multiplier, releases, u.dp_delta)
         if u.dp_max_epsilon > 0 and first > u.dp_max_epsilon:
             raise UserError(
-                f"unify.dp_max_epsilon = {u.dp_max_epsilon:g} affords no round: one round ({releases} release(s)) costs "
-                f"epsilon {first:.4g} at delta {u.dp_delta:g}; raise unify.dp_max_epsilon or unify.dp_noise_multiplier"
+                f"unify.dp_max_epsilon = {u.dp_max_epsilon:g} affords no round: one round ({releases} release(s)) "
+                f"costs epsilon {first:.4g} at delta {u.dp_delta:g}; raise unify.dp_max_epsilon or "
+                "unify.dp_noise_multiplier"
             )
 
 
@@ -158,8 +159,8 @@ def _affordable(cfg: RunConfig, unifier: Unifier, round_: int, out: Reporter) ->
         return True
     out.info(
         f"privacy budget: round {round_} would take each owner's epsilon to {after:.4g} > unify.dp_max_epsilon = "
-        f"{u.dp_max_epsilon:g} (delta {u.dp_delta:g}); stopping after round {round_ - 1} (epsilon {noise.epsilon():.4g}), "
-        "which is saved"
+        f"{u.dp_max_epsilon:g} (delta {u.dp_delta:g}); stopping after round {round_ - 1} "
+        f"(epsilon {noise.epsilon():.4g}), which is saved"
     )
     return False
 
