@@ -176,8 +176,8 @@ def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, me
                      f"release(s)) costs epsilon {after:.4g} at delta {cfg.unify.dp_delta:g}; raise "
                      "unify.dp_max_epsilon or unify.dp_noise_multiplier")  # fmt: skip
         elif not ok:
-            error = (_over_budget(start + 1, [[ok, after, cap]], [members.name], cfg.unify.dp_delta)
-                     + f": the run's budget is spent after round {start}; raise unify.dp_max_epsilon to go on")  # fmt: skip
+            said = _over_budget(start + 1, [[ok, after, cap]], [members.name], cfg.unify.dp_delta)
+            error = f"{said}: the run's budget is spent after round {start}; raise unify.dp_max_epsilon to go on"
     with stage("privacy budget check", ctx):
         agree(error, ctx, "checking the privacy budget")  # collective
 
@@ -401,7 +401,7 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     n, b = len(extra), len(budget)
     record = _record(cfg, round_, [row[:-n] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
-        owner["unify_bytes"] = int(row[-n + b])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
+        owner["unify_bytes"] = int(row[-n + b])  # this owner's wire bytes for the unify (UnifyOutcome.bytes_sent)
     record["time"] = gathered[0][-n + b + 1]  # rank 0's clock, shared: every owner holds (and signs) the same record
     record["rule_used"] = outcome.rule
     spent = [row[-2:] for row in gathered if not math.isnan(row[-2])]
