@@ -84,6 +84,10 @@ def test_a_real_run_verifies(signed_run) -> None:
     assert records[0]["previous"] == GENESIS and records[1]["previous"] == record_hash(records[0])
     assert all(len(r["signatures"]) == 2 and r["signers"] == ["owner0", "owner1"] for r in records)
     assert all(len(r["config"]) == 64 and r["unify"]["rule"] == "avg" for r in records)
+    made = (run_dir / "final.pt").stat().st_mtime
+    assert made - 600 < records[0]["time"] <= records[1]["time"] <= made  # rank 0's clock, in the run
+    assert all(o["unify_bytes"] > 0 and len(o["digest"]) == 16 for r in records for o in r["owners"])
+    assert "dp_epsilon" not in records[0]
     code, out = _verify(run_dir, roster)
     assert code == 0 and len(out) == 1 and out[0].startswith(f"verified {run_dir}: 2 rounds, 2 owners"), out
 
