@@ -47,8 +47,9 @@ def _record(round_: int, owners: int, digest: str, classes: int = 10) -> dict[st
     names = [f"owner{i}" for i in range(owners)]
     return {
         "round": round_, "rule": "avg", "name": "bench",
-        "owners": [{"rank": r, "n_train": 6000, "loss": 0.3123456789 + r, "local_val_acc": 0.8712345, "unified_val_acc": 0.8812345,
-                    "unify_s": 0.0123456789, "digest": digest, "unify_bytes": 900148, "name": n} for r, n in enumerate(names)],
+        "owners": [{"rank": r, "n_train": 6000, "loss": 0.3123456789 + r, "local_val_acc": 0.8712345,
+                    "unified_val_acc": 0.8812345, "unify_s": 0.0123456789, "digest": digest, "unify_bytes": 900148,
+                    "name": n} for r, n in enumerate(names)],
         "skipped": [], "min_unified_val_acc": 0.8812345, "unified_test_acc": 0.8798, "candidates": {},
         "per_class": {"local": [[0.81234567891234 + c / 100 for c in range(classes)] for _ in names],
                       "unified": [0.83234567891234 + c / 100 for c in range(classes)]},
@@ -110,14 +111,15 @@ def _sign_times(rank: int, world: int, raws: list[bytes], reps: int) -> dict[str
     publics = [signer.public_key()] * world
     previous, times = None, {"sign_round": [], "local": [], "sealed_gather": [], "plain_gather": []}
     mine = torch.zeros(64, dtype=torch.uint8)
+    out = [torch.empty_like(mine) for _ in range(world)]
     for round_ in range(1, reps + 2):  # the first is a warm-up
         record = _record(round_, world, "0123456789abcdef")
         chain(record, previous)
         steps = {
             "sign_round": lambda: sign_round(record, ring),  # collective
             "local": lambda: _local_work(dict(record, signers=record["participants"]), signer, publics),
-            "sealed_gather": lambda: ring.all_gather([torch.empty_like(mine) for _ in range(world)], mine),  # collective
-            "plain_gather": lambda: dist.all_gather([torch.empty_like(mine) for _ in range(world)], mine),  # collective
+            "sealed_gather": lambda: ring.all_gather(out, mine),  # collective
+            "plain_gather": lambda: dist.all_gather(out, mine),  # collective
         }
         for name, step in steps.items():
             dist.barrier()
@@ -134,7 +136,8 @@ def signing_cost(owners: int, reps: int = 5) -> dict[str, Any]:
     baseline); bytes an owner sends for it and adds to the record file."""
     per_rank = run_world(_sign_times, owners, fresh_keys(owners), reps)
     timed = {name: statistics.median(max(ts) for ts in zip(*(r[name] for r in per_rank))) for name in per_rank[0]}
-    # the ring's all_gather: n-1 sealed messages of 64 bytes; its verdict exchange: n-1 of 3 int64 (unify_dist.trust.ring)
+    # the ring's all_gather: n-1 sealed messages of 64 bytes; its verdict exchange: n-1 of 3 int64
+    # (unify_dist.trust.ring); each sealed message carries a TAG_BYTES tag
     sent = (owners - 1) * (64 + TAG_BYTES) + (owners - 1) * (24 + TAG_BYTES)
     record = _record(1, owners, "0123456789abcdef")
     plain = len(json.dumps(record))

@@ -84,6 +84,10 @@ def test_a_real_run_verifies(signed_run) -> None:
     assert records[0]["previous"] == GENESIS and records[1]["previous"] == record_hash(records[0])
     assert all(len(r["signatures"]) == 2 and r["signers"] == ["owner0", "owner1"] for r in records)
     assert all(len(r["config"]) == 64 and r["unify"]["rule"] == "avg" for r in records)
+    made = (run_dir / "final.pt").stat().st_mtime
+    assert made - 600 < records[0]["time"] <= records[1]["time"] <= made  # rank 0's clock, in the run
+    assert all(o["unify_bytes"] > 0 and len(o["digest"]) == 16 for r in records for o in r["owners"])
+    assert "dp_epsilon" not in records[0]
     code, out = _verify(run_dir, roster)
     assert code == 0 and len(out) == 1 and out[0].startswith(f"verified {run_dir}: 2 rounds, 2 owners"), out
 
@@ -130,7 +134,8 @@ def test_a_signature_by_a_key_not_in_the_roster_is_named(signed_run, tmp_path: P
     # the same run against a roster whose owner1 is someone else: every round names owner1
     other = tmp_path / "roster.toml"
     text = signed_run[1].read_text().splitlines()
-    other.write_text("\n".join([*text[:2], f'owner1 = "{base64.b64encode(stranger.public_key().public_bytes_raw()).decode()}"']) + "\n")
+    stranger_public = base64.b64encode(stranger.public_key().public_bytes_raw()).decode()
+    other.write_text("\n".join([*text[:2], f'owner1 = "{stranger_public}"']) + "\n")
     code, out = _verify(signed_run[0], other)
     assert code == 1 and [o.split(":")[0] for o in out] == ["round 1 (line 1)", "round 2 (line 2)"], out
 
@@ -159,7 +164,8 @@ def test_verify_in_worker_processes_finds_what_one_process_finds(tmp_path: Path)
     _write(run_dir, lines)
     alone, _ = verify_run(run_dir, roster, workers=1)
     assert verify_run(run_dir, roster, workers=2)[0] == alone
-    assert [p.split(":")[0] for p in alone] == ["round 150 (line 150)"] * 8 + ["round 151 (line 151)", "round 202 (line 201)"]
+    expected = ["round 150 (line 150)"] * 8 + ["round 151 (line 151)", "round 202 (line 201)"]
+    assert [p.split(":")[0] for p in alone] == expected
 
 
 @pytest.mark.slow

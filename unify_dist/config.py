@@ -281,7 +281,8 @@ class UnifyConfig:
         if self.dp_max_epsilon < 0:
             out.append(f"unify.dp_max_epsilon must be >= 0 (0: no budget), got {self.dp_max_epsilon}")
         if self.dp_max_epsilon > 0 and self.dp_noise_multiplier <= 0:
-            out.append(f"unify.dp_max_epsilon = {self.dp_max_epsilon} is a budget for noise: set unify.dp_noise_multiplier > 0")
+            out.append(f"unify.dp_max_epsilon = {self.dp_max_epsilon} is a budget for noise: "
+                       "set unify.dp_noise_multiplier > 0")
         out += _compress_problems(self)
         return out
 

@@ -104,8 +104,8 @@ def _examine(lines: list[tuple[int, str]], keys: dict[str, bytes]) -> list[_Seen
         body = body_bytes(record)  # encoded once: signed as it is, hashed for the next round's chain check
         problems = _digest_problems(where, record) + _signature_problems(where, record, SIGNED + body, publics)
         round_ = record.get("round") if isinstance(record.get("round"), int) else -1
-        seen.append(_Seen(number, round_, record.get("previous"), record.get("digest"), hashlib.sha256(body).hexdigest(),
-                          len(record.get("owners", [])), problems))  # fmt: skip
+        digest, owners = record.get("digest"), len(record.get("owners", []))
+        seen.append(_Seen(number, round_, record.get("previous"), digest, hashlib.sha256(body).hexdigest(), owners, problems))
     return seen
 
 
@@ -146,10 +146,11 @@ def _chain_problems(seen: list[_Seen]) -> list[str]:
         if s.round is not None:
             where = f"round {s.round} (line {s.line})"
             expected = previous.body_hash if previous is not None else GENESIS
-            if s.previous != expected:
-                problems.append(f"{where}: the chain does not start here (rounds before it are missing)" if previous is None
-                                else f"{where}: does not bind round {previous.round}'s record (a round before it was "
-                                     "removed or changed)")  # fmt: skip
+            if s.previous != expected and previous is None:
+                problems.append(f"{where}: the chain does not start here (rounds before it are missing)")
+            elif s.previous != expected:
+                problems.append(f"{where}: does not bind round {previous.round}'s record (a round before it was "
+                                "removed or changed)")
             elif previous is not None and s.round != previous.round + 1:
                 problems.append(f"{where}: follows round {previous.round} but is numbered {s.round}")
             previous = s

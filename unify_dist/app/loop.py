@@ -80,12 +80,11 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     start = _resume(cfg, ctx, ckpt, state, members, out)
+    _check_budget(cfg, ctx, state.unifier, start, members)  # collective
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
-        if not _affordable(cfg, state.unifier, round_, out):  # the same verdict on every rank: same counts
-            break
         # 1. Train locally, on this owner's data only.
         loss = _train_locally(cfg, members.index, state, data, round_, out)
         local = _evaluate_local(cfg, model, data)
@@ -103,7 +102,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             state.reset_optimizer()
 
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
-        record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
+        record, budgets = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer,
+                                            _budget(cfg, state.unifier))  # fmt: skip
         _name_owners(record, members, state.records)
         _bind(record, cfg, config_hash, state.records)
         sign_round(record, reducer)  # collective with trust on: every owner signs the same record, sealed
@@ -112,7 +112,12 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         metrics.append(record)
         ckpt.save(round_, state.state_dict())
 
-        # 4. Stop when the weakest owner is good enough (the same decision on every rank: same figures).
+        # 4. Stop when the weakest owner is good enough, or before a round past any owner's privacy budget
+        # (the same decisions on every rank: the same gathered figures).
+        stop = _over_budget(round_ + 1, budgets, members.present, cfg.unify.dp_delta)
+        if stop and round_ < cfg.train.max_rounds:
+            out.info(f"{stop}; stopping after round {round_}, which is saved")
+            break
         if cfg.train.target_accuracy and (record["min_unified_val_acc"] or 0.0) >= cfg.train.target_accuracy:
             out.info(f"every owner reached {cfg.train.target_accuracy:.2%} validation accuracy in round {round_}")
             break
@@ -137,33 +142,46 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
-        first = dp_epsilon(u.dp_noise_multiplier, releases, u.dp_delta)
-        if u.dp_max_epsilon > 0 and first > u.dp_max_epsilon:
-            raise UserError(
-                f"unify.dp_max_epsilon = {u.dp_max_epsilon:g} affords no round: one round ({releases} release(s)) costs "
-                f"epsilon {first:.4g} at delta {u.dp_delta:g}; raise unify.dp_max_epsilon or unify.dp_noise_multiplier"
-            )
 
 
-def _affordable(cfg: RunConfig, unifier: Unifier, round_: int, out: Reporter) -> bool:
-    """Whether this round's DP releases keep every owner within unify.dp_max_epsilon; if not, say so once.
-
-    Every owner releases the same number of noised updates per round, so the count (restored from the
-    checkpoint on resume) and the verdict are the same on every rank.
-    """
+def _budget(cfg: RunConfig, unifier: Unifier) -> list[float]:
+    """[1 if this owner can afford the next round's DP releases within its unify.dp_max_epsilon else 0,
+    its epsilon after that round, its budget] (1, nan, nan without a budget): gathered, so that the run
+    stops when any owner's budget would be passed, on every owner at once, whatever each one's settings."""
     u = cfg.unify
     noise = next((s for s in unifier.owner_steps if isinstance(s, GaussianNoise)), None)
     if u.dp_max_epsilon <= 0 or noise is None:
-        return True
+        return [1.0, math.nan, math.nan]
     after = dp_epsilon(u.dp_noise_multiplier, noise.releases + _releases_per_round(cfg), u.dp_delta)
-    if after <= u.dp_max_epsilon:
-        return True
-    out.info(
-        f"privacy budget: round {round_} would take each owner's epsilon to {after:.4g} > unify.dp_max_epsilon = "
-        f"{u.dp_max_epsilon:g} (delta {u.dp_delta:g}); stopping after round {round_ - 1} (epsilon {noise.epsilon():.4g}), "
-        "which is saved"
-    )
-    return False
+    return [float(after <= u.dp_max_epsilon), after, u.dp_max_epsilon]
+
+
+def _over_budget(next_round: int, budgets: list[list[float]], names: list[str], delta: float) -> str | None:
+    """The line that stops the run before `next_round`, naming each owner whose budget it would pass (None: go on)."""
+    over = [(names[r], after, cap) for r, (ok, after, cap) in enumerate(budgets) if not ok]
+    if not over:
+        return None
+    if len(over) == len(budgets) > 1 and len({(a, c) for _, a, c in over}) == 1:  # the same settings everywhere
+        over = [("every owner", over[0][1], over[0][2])]
+    said = ", ".join(f"{who}'s epsilon to {after:.4g} > unify.dp_max_epsilon = {cap:g}" for who, after, cap in over)
+    return f"privacy budget: round {next_round} would take {said} (delta {delta:g})"
+
+
+def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, members: Membership) -> None:
+    """Before the first round this process runs (fresh or resumed): every owner can afford it, or every
+    owner stops with one line (an agreement: a collective on every rank, whatever its settings)."""
+    error = None
+    if start < cfg.train.max_rounds:
+        ok, after, cap = _budget(cfg, unifier)
+        if not ok and start == 0:
+            error = (f"unify.dp_max_epsilon = {cap:g} affords no round: one round ({_releases_per_round(cfg)} "
+                     f"release(s)) costs epsilon {after:.4g} at delta {cfg.unify.dp_delta:g}; raise "
+                     "unify.dp_max_epsilon or unify.dp_noise_multiplier")  # fmt: skip
+        elif not ok:
+            said = _over_budget(start + 1, [[ok, after, cap]], [members.name], cfg.unify.dp_delta)
+            error = f"{said}: the run's budget is spent after round {start}; raise unify.dp_max_epsilon to go on"
+    with stage("privacy budget check", ctx):
+        agree(error, ctx, "checking the privacy budget")  # collective
 
 
 def _staged(ctx: Context) -> str:
@@ -370,29 +388,33 @@ def _name_owners(record: dict[str, Any], members: Membership, records: list[dict
 
 
 def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: OwnerData, round_: int, loss: float,
-                      local: list[Any], candidates: list[float], outcome, reducer: SealedRing | None) -> dict[str, Any]:  # fmt: skip
-    """Evaluate the unified model on this owner's data, gather every owner's figures, build the record."""
+                      local: list[Any], candidates: list[float], outcome, reducer: SealedRing | None,
+                      budget: list[float]) -> tuple[dict[str, Any], list[list[float]]]:  # fmt: skip
+    """Evaluate the unified model on this owner's data, gather every owner's figures, build the record.
+
+    `budget` (_budget: whether this owner can afford the next round) rides in the same gather and comes
+    back for every owner, beside the record (it is not part of it)."""
     unified_val = count_correct(model, data.val)
     unified_pc = per_class_correct(model, data.test, data.num_classes)
     (local_val, local_pc) = local
     mine = [len(data.train), loss, *local_val, *unified_val, outcome.seconds, *candidates]
     mine += [*local_pc[0], *local_pc[1], *unified_pc[0], *unified_pc[1]]
     dp = [outcome.dp_epsilon, cfg.unify.dp_delta] if outcome.dp_epsilon is not None else [math.nan, math.nan]
-    extra = [outcome.bytes_sent, time.time(), *dp]  # per owner: wire bytes, clock, privacy spent
+    extra = [*budget, outcome.bytes_sent, time.time(), *dp]  # per owner: next round's budget, wire bytes, clock, spent
     with stage(f"metrics gather in round {round_}", ctx):
         gathered = _gather_figures([*mine, *extra], ctx, reducer)  # collective: the same figures everywhere
     digests = outcome.digests  # every rank's own, gathered (and compared) by unify
-    n = len(extra)
+    n, b = len(extra), len(budget)
     record = _record(cfg, round_, [row[:-n] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
-        owner["unify_bytes"] = int(row[-n])  # this owner's bytes on the wire for the unify (UnifyOutcome.bytes_sent)
-    record["time"] = gathered[0][-n + 1]  # rank 0's clock, shared: every owner holds (and signs) the same record
+        owner["unify_bytes"] = int(row[-n + b])  # this owner's wire bytes for the unify (UnifyOutcome.bytes_sent)
+    record["time"] = gathered[0][-n + b + 1]  # rank 0's clock, shared: every owner holds (and signs) the same record
     record["rule_used"] = outcome.rule
     spent = [row[-2:] for row in gathered if not math.isnan(row[-2])]
     if spent:  # the privacy spent so far, (epsilon, delta)-DP per owner: the weakest owner's guarantee
         record["dp_epsilon"] = max(e for e, _ in spent)
         record["dp_delta"] = max(d for _, d in spent)
-    return record
+    return record, [row[-n : -n + b] for row in gathered]
 
 
 _BASE = ["n_train", "loss", "local_val_c", "local_val_t", "unified_val_c", "unified_val_t", "unify_s"]

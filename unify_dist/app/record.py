@@ -95,7 +95,8 @@ def sign_round(record: dict[str, Any], reducer: SealedRing | None) -> None:
             differ.append(f"{admission.owners[slot]} (rank {slot})")
     if differ:
         raise RecordMismatch(
-            f"round {record['round']}: {', '.join(differ)} signed another record than owner {admission.owners[admission.rank]}'s: "
-            "the owners' records differ (their unify options or figures are not the same), so no round record is written"
+            f"round {record['round']}: {', '.join(differ)} signed another record than owner "
+            f"{admission.owners[admission.rank]}'s: the owners' records differ (their unify options or figures are "
+            "not the same), so no round record is written"
         )
     record["signatures"] = [base64.b64encode(s).decode("ascii") for s in signatures]
