@@ -46,6 +46,16 @@ def test_every_owner_signs_the_same_body_or_every_owner_stops(world: int) -> Non
     assert f"owner{world - 1} (rank {world - 1}) signed another record" in differ[0]
 
 
+def test_trust_off_signs_nothing_staged_or_not() -> None:
+    from unify_dist.staging import HostStaged
+
+    for reducer in (None, HostStaged(None)):  # HostStaged(None): GPU owners over plain gloo
+        record = {"round": 1}
+        chain(record, None)
+        sign_round(record, reducer)
+        assert record == {"round": 1, "previous": GENESIS}
+
+
 @pytest.fixture(scope="module")
 def signed_run(tmp_path_factory, data_root) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("signed")

@@ -18,6 +18,7 @@ __all__ = [
     "RDP_ORDERS", "rdp_bound_epsilon", "rdp_accountant_epsilon", "require_dp_accounting",
 ]  # fmt: skip
 
+
 def secure_avg_reveals(rule: str, owners: int) -> str:
     """secure_avg: masks hide single owners' weights, but with 2 owners the sum gives the peer away."""
     if owners == 2:
@@ -74,7 +75,7 @@ def privacy_statement(rule: str, owners: int, absmax_impl: str = "reduce", candi
 # ---------------------------------------------------------------- differential privacy accounting
 
 RDP_ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512])
-"""Renyi orders the accountant minimises over (the usual grid of RDP accountants)."""
+"""Renyi orders the former hand-written bound (rdp_bound_epsilon) minimises over (the usual RDP grid)."""
 
 
 SENSITIVITY_IN_BOUNDS = 2.0

@@ -67,15 +67,15 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def sign_round(record: dict[str, Any], reducer: SealedRing | None) -> None:
+def sign_round(record: dict[str, Any], reducer: SealedRing | Any | None) -> None:
     """Trust on: sign the record's body, gather every owner's signature sealed, check each against this
     owner's body, store them with the record. A collective (the ring's all_gather); trust off: nothing.
 
     Raises RecordMismatch on every owner whose body differs from a signer's (then every owner raises:
     whoever differs from anyone sees that owner's signature fail).
     """
-    admission = getattr(reducer, "admission", None)  # host staging without the ring (GPU, trust off): None
-    if admission is None:
+    admission = getattr(reducer, "admission", None)  # HostStaged (GPU owners) passes its inner ring's on
+    if admission is None or admission.signer is None:  # trust off (plain gloo, staged or not)
         return
     import torch
     from cryptography.exceptions import InvalidSignature
