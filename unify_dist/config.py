@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice"]
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice", "outer_settings"]
 
 DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 """Environment variable that overrides `data.root`, so tests and CI can point every run at one copy."""
@@ -230,9 +230,18 @@ class UnifyConfig:
     update_norm_bound: float = 0.0
     """Clip each owner's update (weights - previous unified weights) to this L2 norm before any rule (0: off)."""
     server_momentum: float = 0.0
-    """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off)."""
+    """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off).
+    The older name of outer = 'sgd' with outer_momentum = server_momentum (and outer_lr = server_lr)."""
     server_lr: float = 1.0
-    """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied."""
+    """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied.
+    The older name of outer = 'sgd' with outer_lr = server_lr."""
+    outer: str = "none"
+    """Outer optimizer on the pseudo-gradient (previous unified - this round's unified), the same step on
+    every owner: none, sgd (heavy-ball momentum: FedAvgM) or nesterov (DiLoCo's: lr 0.7, momentum 0.9)."""
+    outer_lr: float = 0.7
+    """Outer optimizer's learning rate (with outer = sgd or nesterov; 1 with momentum 0 is no outer step)."""
+    outer_momentum: float = 0.9
+    """Outer optimizer's momentum, in [0, 1) (with outer = sgd or nesterov)."""
     dp_noise_multiplier: float = 0.0
     """Differential privacy: each owner adds Gaussian noise of std dp_noise_multiplier x update_norm_bound
     to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
@@ -268,6 +277,7 @@ class UnifyConfig:
             out.append(f"unify.server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_lr <= 0:
             out.append(f"unify.server_lr must be > 0, got {self.server_lr}")
+        out += _outer_problems(self)
         if self.dp_noise_multiplier < 0:
             out.append(f"unify.dp_noise_multiplier must be >= 0 (0: off), got {self.dp_noise_multiplier}")
         if self.dp_noise_multiplier > 0 and self.update_norm_bound <= 0:
@@ -301,6 +311,31 @@ class DistConfig:
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
         return out
+
+
+def outer_settings(cfg: "UnifyConfig") -> tuple[str, float, float] | None:
+    """(kind, lr, momentum) of the outer optimizer in force, None for none; the server_* names map to sgd."""
+    if cfg.outer != "none":
+        return cfg.outer, cfg.outer_lr, cfg.outer_momentum
+    if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
+        return "sgd", cfg.server_lr, cfg.server_momentum
+    return None
+
+
+def _outer_problems(cfg: "UnifyConfig") -> list[str]:
+    from unify_dist.outer import OUTER_OPTIMIZERS  # late, as the other registries
+
+    if cfg.outer not in OUTER_OPTIMIZERS:
+        return [choice("unify.outer", cfg.outer, OUTER_OPTIMIZERS)]
+    out = []
+    if cfg.outer_lr <= 0:
+        out.append(f"unify.outer_lr must be > 0, got {cfg.outer_lr}")
+    if not 0 <= cfg.outer_momentum < 1:
+        out.append(f"unify.outer_momentum must be in [0, 1), got {cfg.outer_momentum}")
+    if cfg.outer != "none" and (cfg.server_momentum > 0 or cfg.server_lr != 1.0):
+        out.append(f"unify.outer = '{cfg.outer}' and unify.server_momentum / server_lr are both set: server_* are the "
+                   "older names of outer = 'sgd' with outer_momentum / outer_lr; keep only the outer_* keys")  # fmt: skip
+    return out
 
 
 COMPRESS_MODES = ("none", "bf16", "fp16", "int8")

@@ -24,7 +24,7 @@ Order of one unify (unify_dist.wrappers composes the concerns around the core):
   2. update space (when an option needs it): update = weights - anchor, clipped, noised;
   3. the rule's own per-owner step (ties' trim), then its collective (unify_dist.collectives); with
      unify.compress the update, plus what earlier rounds could not send, travels compressed;
-  4. the unified update through server momentum, back to weights, new anchor;
+  4. the unified update through the outer optimizer (unify_dist.outer), back to weights, new anchor;
   5. every rank's digest gathered and compared: equal bits, or DivergenceError.
 """
 
@@ -43,10 +43,11 @@ import torch.distributed as dist
 from torch import nn
 
 from unify_dist.collectives import Collective, DivergenceError, NonFiniteError, tail_size, verify_identical
-from unify_dist.config import UnifyConfig
+from unify_dist.config import UnifyConfig, outer_settings
 from unify_dist.flat import FlatState
+from unify_dist.outer import OuterOptimizer
 from unify_dist.rules import RULES, SPECS
-from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, ServerMomentum, UpdateSpace, int8_levels
+from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, UpdateSpace, int8_levels
 
 __all__ = ["Unifier", "UnifyOutcome", "same_start", "structure"]
 
@@ -120,8 +121,9 @@ class Unifier:
             if cfg.dp_noise_multiplier > 0:
                 self.owner_steps.append(GaussianNoise(cfg.dp_noise_multiplier, cfg.update_norm_bound, cfg.dp_delta))
         self.unified_steps: list[Any] = []
-        if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
-            self.unified_steps.append(ServerMomentum(cfg.server_momentum, cfg.server_lr, flat.values))
+        outer = outer_settings(cfg)  # unify.outer, or the server_* names of outer = sgd
+        if outer is not None:
+            self.unified_steps.append(OuterOptimizer(*outer, like=flat.values))
         self.compress = ErrorFeedback(cfg.compress, flat.values) if cfg.compress != "none" else None
         _check_compress_world(cfg.compress, self.core.world)
 
@@ -228,7 +230,7 @@ class Unifier:
 def _needs_anchor(cfg: UnifyConfig) -> bool:
     """Whether any option in use needs the previous unified state."""
     delta_rule = any(SPECS[r].delta_only for r in [cfg.rule, *cfg.compare] if r in SPECS)
-    server = cfg.server_momentum > 0 or cfg.server_lr != 1.0
+    server = outer_settings(cfg) is not None
     return cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server or cfg.compress != "none"
 
 
