@@ -152,7 +152,15 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """Learning rate over rounds: constant, or cosine (lr in round 1, decaying towards 0 after the last round)."""
     local_steps: int = 0
-    """Cap on local mini-batch steps per round (0: local_epochs whole epochs). Fewer steps, less drift."""
+    """Local mini-batch steps per round, the same budget for every owner whatever its data size (0: local_epochs
+    whole epochs); the epochs it spans are consecutive seeded epochs. Fewer steps, less drift."""
+    round_seconds: float = 0.0
+    """A wall-clock budget per round (0: off): every owner trains until this many seconds have passed since
+    its local training began, and stops after the step in progress, so fast owners take more steps instead of
+    waiting for slow ones. Each owner's step count is recorded in metrics.jsonl (train.replay_steps replays them)."""
+    replay_steps: str = ""
+    """A metrics.jsonl of an earlier run: every owner trains exactly the step count recorded for it (by name)
+    in each round, instead of local_epochs, local_steps or round_seconds: the same weights, bit for bit."""
     optimizer_state: str = "keep"
     """After unify: keep each owner's optimizer state, or reset it to fresh."""
     target_accuracy: float = 0.0
@@ -193,6 +201,13 @@ class TrainConfig:
             out.append(f"train.absent_class_scale must be in [0, 1] (1: off), got {self.absent_class_scale}")
         if self.local_steps < 0:
             out.append(f"train.local_steps must be >= 0 (0: whole epochs), got {self.local_steps}")
+        if self.round_seconds < 0:
+            out.append(f"train.round_seconds must be >= 0 (0: off), got {self.round_seconds}")
+        if self.round_seconds > 0 and self.local_steps > 0:
+            out.append(f"train.round_seconds = {self.round_seconds} and train.local_steps = {self.local_steps} are two "
+                       "budgets for the same round: set one of them to 0")  # fmt: skip
+        if self.replay_steps and not Path(self.replay_steps).is_file():
+            out.append(f"train.replay_steps = '{self.replay_steps}' is not a file; give the metrics.jsonl of the run to replay")
         if self.optimizer_state not in ("keep", "reset"):
             out.append(choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
         if not 0 <= self.target_accuracy <= 1:
@@ -247,6 +262,10 @@ class UnifyConfig:
     to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
     dp_delta: float = 1e-5
     """Differential privacy: the delta of the (epsilon, delta) privacy cost reported each round."""
+    normalize_steps: bool = False
+    """FedNova: each owner's update is divided by its local step count and the unified update multiplied by
+    the owners' mean step count (weighted as the rule weighs them), so an owner that took more steps does not
+    pull harder. avg and weighted_avg only; forces update space; the loop passes the counts (unify(steps=N))."""
     compress: str = "none"
     """Transport of updates: none, bf16 / fp16 (16-bit casts), int8 (blockwise scaled), each with error
     feedback (an owner's unsent remainder joins its next update). Forces update space; sums only (avg,
@@ -278,6 +297,7 @@ class UnifyConfig:
         if self.server_lr <= 0:
             out.append(f"unify.server_lr must be > 0, got {self.server_lr}")
         out += _outer_problems(self)
+        out += _normalize_problems(self)
         if self.dp_noise_multiplier < 0:
             out.append(f"unify.dp_noise_multiplier must be >= 0 (0: off), got {self.dp_noise_multiplier}")
         if self.dp_noise_multiplier > 0 and self.update_norm_bound <= 0:
@@ -336,6 +356,22 @@ def _outer_problems(cfg: "UnifyConfig") -> list[str]:
         out.append(f"unify.outer = '{cfg.outer}' and unify.server_momentum / server_lr are both set: server_* are the "
                    "older names of outer = 'sgd' with outer_momentum / outer_lr; keep only the outer_* keys")  # fmt: skip
     return out
+
+
+def _normalize_problems(cfg: "UnifyConfig") -> list[str]:
+    """unify.normalize_steps rescales a weighted mean of updates: sum rules only, and one rule per round."""
+    from unify_dist.rules import SPECS  # late: rules import nothing from config
+
+    if not cfg.normalize_steps:
+        return []
+    if cfg.rule == "auto" or cfg.compare:
+        return ["unify.normalize_steps with unify.compare or rule = 'auto' is not supported (the candidates' unify "
+                "knows no step counts): name one rule and leave compare empty, or set normalize_steps = false"]  # fmt: skip
+    kind = SPECS[cfg.rule].collective if cfg.rule in SPECS else None
+    if kind not in ("sum", "weighted_sum"):
+        return [f"unify.normalize_steps (FedNova) rescales a mean of updates: it serves avg and weighted_avg, not "
+                f"unify rule '{cfg.rule}'; set normalize_steps = false or rule = 'avg'"]  # fmt: skip
+    return []
 
 
 COMPRESS_MODES = ("none", "bf16", "fp16", "int8")
