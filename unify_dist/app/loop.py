@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unify_dist.app import budget
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
 from unify_dist.app.owners import Membership, agree_on_owners
@@ -75,10 +76,14 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     start = _resume(cfg, ctx, ckpt, state, members, out)
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
+    replay = budget.read_replay(cfg.train.replay_steps) if cfg.train.replay_steps else None
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
-        # 1. Train locally, on this owner's data only.
-        loss = _train_locally(cfg, members.index, state, data, round_, out)
+        # 1. Train locally, on this owner's data only, for the round's budget (budget.py).
+        clock = budget.Clock()
+        plan = budget.plan(cfg.train, round_, members.name, replay)
+        loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
+        clock.trained()
         local = _evaluate_local(cfg, model, data)
         for hook in hooks:
             hook.before_unify(round_, state.unifier)
@@ -87,7 +92,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         candidates = _candidates(cfg, ctx, state.unifier, model, data, round_)
         rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
         with stage(f"unify ({rule}) in round {round_}", ctx):
-            outcome = state.unifier.unify(float(len(data.train)), rule=rule)  # collective, digests compared
+            outcome = state.unifier.unify(float(len(data.train)), rule=rule, steps=steps)  # collective, digests compared
         for r in outcome.skipped:
             out.warn(f"round {round_}: owner {r} had non-finite weights and was left out of this unify")
         if cfg.train.optimizer_state == "reset":
@@ -96,6 +101,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
         record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
         _name_owners(record, members, state.records)
+        with stage(f"step counts in round {round_}", ctx):  # collective: every owner's steps and times, recorded
+            budget.add_to_record(record, budget.agree_counts([steps, clock.train_us, clock.round_us()], ctx.wire_device, reducer))
         state.records.append(record)
         out.round_row(record)
         metrics.append(record)
@@ -204,15 +211,20 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership) -> OwnerData:
     return data
 
 
-def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter) -> float:
-    """This owner's local epochs of the round (or train.local_steps steps); returns the last epoch's loss.
+def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter,
+                   plan: budget.Budget) -> tuple[float, int]:  # fmt: skip
+    """This owner's local training of the round, to `plan`; returns the last epoch's loss and the steps taken.
 
-    The data order depends on the owner's place in the owner list, not its rank: a rank can change.
+    The data order depends on the owner's place in the owner list, not its rank: a rank can change. Every
+    budget takes the seeded order's first steps, epoch after epoch, so the step count replays the round.
     """
     model, optimizer, scaffold = state.model, state.optimizer, state.scaffold
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
-    steps_left = cfg.train.local_steps  # 0: whole epochs
-    epochs = -(-steps_left // per_epoch) if steps_left else cfg.train.local_epochs
+    steps_left = plan.steps  # 0: whole epochs
+    epochs = -(-steps_left // per_epoch) if steps_left else plan.epochs  # a time budget: as many as fit
+    deadline = time.perf_counter() + plan.seconds if plan.seconds else None
+    stop = (lambda: time.perf_counter() >= deadline) if deadline is not None else None
+    taken = 0
     set_lr(optimizer, round_lr(cfg.train, round_))  # the schedule is a function of the round: nothing to restore
     loss = 0.0
     prox = proximal_term(model, cfg.train.fedprox_mu)  # FedProx: stay near the unified start (None: off)
@@ -221,18 +233,26 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
     on_grads = scaffold.correct_grads if scaffold is not None else None
     scale = cfg.train.absent_class_scale  # FedRS; a stream's labels are read once, and only when it is on
     logit_scale = absent_class_scale(data.train.labels(), data.num_classes, scale) if scale != 1 else None
-    with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
-        for epoch in range(epochs):
+    with out.progress(f"round {round_}: local training", steps_left or per_epoch * max(epochs, 1)) as advance:
+
+        def step() -> None:
+            nonlocal taken
+            taken += 1
+            advance()
+
+        epoch = 0
+        while epoch < epochs or (stop is not None and not stop()):
             g = epoch_generator(cfg.train.seed, round_, owner, epoch)
             take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
-                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox,
-                on_grads=on_grads, max_steps=take, logit_scale=logit_scale,
+                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=step, extra_loss=prox,
+                on_grads=on_grads, max_steps=take, logit_scale=logit_scale, stop=stop,
             )  # fmt: skip
             steps_left -= take
+            epoch += 1
     if scaffold is not None:
         scaffold.end_round()  # collective: SCAFFOLD's control variates
-    return loss
+    return loss, taken
 
 
 def _evaluate_local(cfg: RunConfig, model: nn.Module, data: OwnerData) -> list[Any]:
