@@ -112,6 +112,9 @@ class Unifier:
         return self
 
     def _setup(self, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None) -> None:
+        if cfg.overlap:
+            raise ValueError("unify.overlap is the round loop's (unify_dist.overlap.OverlappedUnifier); a Unifier "
+                             "unifies when called: build it with overlap=False")  # fmt: skip
         self.flat, self.cfg, self.group, self.rule = flat, cfg, group, cfg.rule
         self.rank = dist.get_rank(group)
         self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)

@@ -13,6 +13,7 @@ import io
 import os
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from unify_dist.privacy import dp_statement, privacy_statement
 from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
+from unify_dist.overlap import OverlappedUnifier
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.collectives import tail_size, verify_identical
 
@@ -67,7 +69,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     with stage("broadcast initial weights", ctx):
         same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
-    state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
+    state = TrainState(cfg, model, _unifier(cfg, ctx, model, flat))
     state.unifier.core.reducer = reducer  # None: the group's collectives; else the sealed ring and/or host staging
     if state.scaffold is not None:
         state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
@@ -81,6 +83,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
         # 1. Train locally, on this owner's data only, for the round's budget (budget.py).
         clock = budget.Clock()
+        if cfg.unify.overlap:
+            state.unifier.begin_round()  # this owner's own weights back (between rounds: the unified state)
         plan = budget.plan(cfg.train, round_, members.name, replay)
         loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
         clock.trained()
@@ -113,11 +117,24 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             out.info(f"every owner reached {cfg.train.target_accuracy:.2%} validation accuracy in round {round_}")
             break
 
+    if cfg.unify.overlap:
+        state.unifier.finish()  # the last round's unify, applied: every owner ends with the same model
     if ctx.is_main:
         final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records}
         save_atomic(final, run_dir / "final.pt")
         out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
     return state.records
+
+
+def _unifier(cfg: RunConfig, ctx: Context, model: nn.Module, flat: FlatState) -> Unifier | OverlappedUnifier:
+    """The round's unifier: plain, or with unify.overlap one that unifies in the background on a second group."""
+    if not cfg.unify.overlap:
+        return Unifier.over(flat, cfg.unify)
+    if ctx.device.type != "cpu":
+        raise UserError(f"unify.overlap runs on CPU owners over gloo, and this owner trains on {ctx.device}: set "
+                        "dist.device = 'cpu', or unify.overlap = false")  # fmt: skip
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.dist.timeout_s))  # collective
+    return OverlappedUnifier(model, flat, cfg.unify, group)
 
 
 def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
@@ -444,6 +461,9 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
         older = max((r for r in mine if r < round_), default=0)
         state.load_own_state(ckpt.load(older) if older else None)
     everyone_had_it = all(round_ in h for h in held)  # the same verdict on every rank
+    if cfg.unify.overlap and not everyone_had_it:  # the same verdict on every rank
+        raise UserError(f"unify.overlap cannot hand round {round_} to an owner that lacks it (its own and sent weights "
+                        "are its own); resume with the owners of that round, or set output.resume = false")  # fmt: skip
     with stage("resume from a peer", ctx):
         if not everyone_had_it:
             _take_from(source, state, needed=round_ not in mine, reducer=state.unifier.core.reducer)  # collective
