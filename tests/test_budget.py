@@ -5,12 +5,13 @@ train.local_steps an exact per-round budget across epochs."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.world import torchrun
-from unify_dist.app.budget import Budget, plan, read_replay
+from unify_dist.app.budget import Budget, Deadline, plan, read_replay
 from unify_dist.config import TrainConfig
 from unify_dist.errors import UserError
 
@@ -28,10 +29,24 @@ def test_budget_precedence() -> None:
     assert plan(TrainConfig(local_steps=5), 1, "bo") == Budget("steps", steps=5)
     assert plan(TrainConfig(round_seconds=2.5), 4, "bo") == Budget("seconds", seconds=2.5)
     assert plan(TrainConfig(local_epochs=2), 4, "bo") == Budget("epochs", epochs=2)
+    # a time budget leaves room for the owner's own evaluation of the round before (its records: state)
+    records = [{"owners": [{"name": "ana", "eval_s": 2.0}, {"name": "bo", "eval_s": 0.5}]}]
+    assert plan(TrainConfig(round_seconds=2.5), 4, "bo", None, records) == Budget("seconds", seconds=2.0)
+    assert plan(TrainConfig(round_seconds=1.5), 4, "ana", None, records) == Budget("seconds", seconds=0.0)
     with pytest.raises(UserError, match="no step count for owner 'cy' in round 1 .* rounds 1..1"):
         plan(TrainConfig(replay_steps="m.jsonl"), 1, "cy", replay)
     with pytest.raises(UserError, match="in round 2"):
         plan(TrainConfig(replay_steps="m.jsonl"), 2, "ana", replay)
+
+
+def test_deadline_stops_before_a_step_that_would_not_fit() -> None:
+    assert Deadline(0.0)() is True  # at least one step, then stop
+    patient = Deadline(60.0)
+    assert patient() is False and not patient.done
+    time.sleep(0.05)
+    short = Deadline(0.08)
+    time.sleep(0.05)  # one "step" of 50 ms: a second one would end at about 100 ms, past 80 ms
+    assert short() is True and short.done
 
 
 def test_read_replay(tmp_path: Path) -> None:
@@ -71,6 +86,6 @@ def test_time_budget_recorded_and_replayed_to_the_same_digests(tmp_path: Path, d
         assert [o["digest"] for o in r["owners"]] == [o["digest"] for o in t["owners"]]  # the replay: the same bits
         assert [o["steps"] for o in r["owners"]] == [o["steps"] for o in t["owners"]]
         for o in t["owners"]:
-            assert o["steps"] >= 1 and o["train_s"] >= 0.3 and o["round_s"] >= o["train_s"]
+            assert o["steps"] >= 1 and o["round_s"] >= o["train_s"] + o["eval_s"] and o["eval_s"] > 0
     for s in _records(stepped):
         assert [o["steps"] for o in s["owners"]] == [12, 12]  # a true per-round budget, across an epoch boundary

@@ -82,10 +82,10 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
         # 1. Train locally, on this owner's data only, for the round's budget (budget.py).
-        clock = budget.Clock()
+        clock = budget.Clock(model)
         if cfg.unify.overlap:
             state.unifier.begin_round()  # this owner's own weights back (between rounds: the unified state)
-        plan = budget.plan(cfg.train, round_, members.name, replay)
+        plan = budget.plan(cfg.train, round_, members.name, replay, state.records)
         loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
         clock.trained()
         local = _evaluate_local(cfg, model, data)
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
         _name_owners(record, members, state.records)
         with stage(f"step counts in round {round_}", ctx):  # collective: every owner's steps and times, recorded
-            budget.add_to_record(record, budget.agree_counts([steps, clock.train_us, clock.round_us()], ctx.wire_device, reducer))
+            budget.add_to_record(record, budget.agree_counts(clock.counts(steps), ctx.wire_device, reducer))
         state.records.append(record)
         out.round_row(record)
         metrics.append(record)
@@ -239,8 +239,7 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
     steps_left = plan.steps  # 0: whole epochs
     epochs = -(-steps_left // per_epoch) if steps_left else plan.epochs  # a time budget: as many as fit
-    deadline = time.perf_counter() + plan.seconds if plan.seconds else None
-    stop = (lambda: time.perf_counter() >= deadline) if deadline is not None else None
+    stop = budget.Deadline(plan.seconds) if plan.kind == "seconds" else None
     taken = 0
     set_lr(optimizer, round_lr(cfg.train, round_))  # the schedule is a function of the round: nothing to restore
     loss = 0.0
@@ -258,7 +257,7 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
             advance()
 
         epoch = 0
-        while epoch < epochs or (stop is not None and not stop()):
+        while epoch < epochs or (stop is not None and not stop.done):
             g = epoch_generator(cfg.train.seed, round_, owner, epoch)
             take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
