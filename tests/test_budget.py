@@ -29,10 +29,11 @@ def test_budget_precedence() -> None:
     assert plan(TrainConfig(local_steps=5), 1, "bo") == Budget("steps", steps=5)
     assert plan(TrainConfig(round_seconds=2.5), 4, "bo") == Budget("seconds", seconds=2.5)
     assert plan(TrainConfig(local_epochs=2), 4, "bo") == Budget("epochs", epochs=2)
-    # a time budget leaves room for the owner's own evaluation of the round before (its records: state)
+    # with overlap a time budget leaves room for the owner's own evaluation of the round before (records: state)
     records = [{"owners": [{"name": "ana", "eval_s": 2.0}, {"name": "bo", "eval_s": 0.5}]}]
-    assert plan(TrainConfig(round_seconds=2.5), 4, "bo", None, records) == Budget("seconds", seconds=2.0)
-    assert plan(TrainConfig(round_seconds=1.5), 4, "ana", None, records) == Budget("seconds", seconds=0.0)
+    assert plan(TrainConfig(round_seconds=2.5), 4, "bo", None, records, True) == Budget("seconds", seconds=2.0)
+    assert plan(TrainConfig(round_seconds=1.5), 4, "ana", None, records, True) == Budget("seconds", seconds=0.0)
+    assert plan(TrainConfig(round_seconds=2.5), 4, "bo", None, records) == Budget("seconds", seconds=2.5)
     with pytest.raises(UserError, match="no step count for owner 'cy' in round 1 .* rounds 1..1"):
         plan(TrainConfig(replay_steps="m.jsonl"), 1, "cy", replay)
     with pytest.raises(UserError, match="in round 2"):

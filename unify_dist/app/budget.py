@@ -3,10 +3,12 @@
 Budgets, in the order they win:
   replay    train.replay_steps: the step count an earlier run recorded for this owner in this round;
   steps     train.local_steps: the same number of steps for every owner, whatever its data size;
-  seconds   train.round_seconds: every owner's round (its training and its own evaluation) fits the time:
-            it trains for round_seconds less its evaluation time of the round before (from the records),
-            and stops before a step that would end past that (fast owners take more steps instead of
-            waiting in the unify and in the metrics gather for slow ones);
+  seconds   train.round_seconds: every owner trains for that long and stops before a step that would end
+            past it (fast owners take more steps instead of waiting in the unify for slow ones). With
+            unify.overlap the round's only barrier is the metrics gather after evaluation, so each owner's
+            training leaves room for its own evaluation time of the round before (from the records), and
+            a slow evaluator keeps nobody waiting either. (Without overlap the unify sits between training
+            and evaluation and re-aligns the owners: that room would only move the wait into the unify.)
   epochs    train.local_epochs whole epochs (the paper's round).
 Whatever the budget, the steps are the seeded order's first ones (epoch after epoch), so a step count
 is all it takes to replay a round: the time budget's counts go into metrics.jsonl, and replaying them
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +52,10 @@ class Budget:
 
 
 def plan(cfg: TrainConfig, round_: int, owner: str, replay: dict[int, dict[str, int]] | None = None,
-         records: list[dict[str, Any]] = ()) -> Budget:  # fmt: skip
+         records: Sequence[dict[str, Any]] = (), evaluation_room: bool = False) -> Budget:  # fmt: skip
     """The budget of `owner` (its name) in `round_`: a pure function of the config, the round, the owner and
-    the records so far (state: checkpointed), of which a time budget reads the owner's last evaluation time."""
+    the records so far (state: checkpointed); with `evaluation_room` (unify.overlap) a time budget leaves
+    room for the owner's last evaluation time."""
     if replay is not None:
         steps = replay.get(round_, {}).get(owner)
         if steps is None:
@@ -65,7 +69,7 @@ def plan(cfg: TrainConfig, round_: int, owner: str, replay: dict[int, dict[str, 
     if cfg.local_steps:
         return Budget("steps", steps=cfg.local_steps)
     if cfg.round_seconds:
-        before = [o for o in (records[-1]["owners"] if records else []) if o.get("name") == owner]
+        before = [o for o in (records[-1]["owners"] if records and evaluation_room else []) if o.get("name") == owner]
         evaluation = before[0].get("eval_s", 0.0) if before else 0.0
         return Budget("seconds", seconds=max(cfg.round_seconds - evaluation, 0.0))
     return Budget("epochs", epochs=cfg.local_epochs)

@@ -85,7 +85,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         clock = budget.Clock(model)
         if cfg.unify.overlap:
             state.unifier.begin_round()  # this owner's own weights back (between rounds: the unified state)
-        plan = budget.plan(cfg.train, round_, members.name, replay, state.records)
+        plan = budget.plan(cfg.train, round_, members.name, replay, state.records, cfg.unify.overlap)
         loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
         clock.trained()
         local = _evaluate_local(cfg, model, data)
