@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             group.rmdir()  # empty again: its worker has exited
     Path(args.out).mkdir(parents=True, exist_ok=True)
     summary = Path(args.out) / f"summary_{args.scenario}.json"
-    summary.write_text(json.dumps({"uptime": os.getloadavg(), "results": results}, indent=1))
+    summary.write_text(json.dumps({"load_average": os.getloadavg(), "results": results}, indent=1))
     print(table(results))
     print(f"load average {os.getloadavg()}; {summary}")
     return 0
