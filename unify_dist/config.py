@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice", "outer_settings"]
+__all__ = [
+    "DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice", "outer_settings",
+]  # fmt: skip
 
 DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 """Environment variable that overrides `data.root`, so tests and CI can point every run at one copy."""
@@ -207,7 +209,8 @@ class TrainConfig:
             out.append(f"train.round_seconds = {self.round_seconds} and train.local_steps = {self.local_steps} are two "
                        "budgets for the same round: set one of them to 0")  # fmt: skip
         if self.replay_steps and not Path(self.replay_steps).is_file():
-            out.append(f"train.replay_steps = '{self.replay_steps}' is not a file; give the metrics.jsonl of the run to replay")
+            out.append(f"train.replay_steps = '{self.replay_steps}' is not a file; give the metrics.jsonl of the run "
+                       "to replay")  # fmt: skip
         if self.optimizer_state not in ("keep", "reset"):
             out.append(choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
         if not 0 <= self.target_accuracy <= 1:

@@ -26,7 +26,9 @@ OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
 """unify.outer: none (unified = the rule's result), sgd (heavy-ball momentum), nesterov (DiLoCo's)."""
 
 
-def outer_step(update: Tensor, momentum: Tensor | None, lr: float, beta: float, nesterov: bool) -> tuple[Tensor, Tensor | None]:
+def outer_step(
+    update: Tensor, momentum: Tensor | None, lr: float, beta: float, nesterov: bool
+) -> tuple[Tensor, Tensor | None]:
     """One outer step on the round's unified update u = unified - anchor; returns (step, new momentum).
 
     The new unified state is anchor + step. With momentum (beta > 0): m = beta m + u, and step = lr m
