@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice"]
+__all__ = [
+    "DataConfig", "ModelConfig", "TrainConfig", "UnifyConfig", "DistConfig", "DATA_ROOT_ENV", "choice", "outer_settings",
+]  # fmt: skip
 
 DATA_ROOT_ENV = "UNIFY_DIST_DATA_ROOT"
 """Environment variable that overrides `data.root`, so tests and CI can point every run at one copy."""
@@ -152,7 +154,15 @@ class TrainConfig:
     lr_schedule: str = "constant"
     """Learning rate over rounds: constant, or cosine (lr in round 1, decaying towards 0 after the last round)."""
     local_steps: int = 0
-    """Cap on local mini-batch steps per round (0: local_epochs whole epochs). Fewer steps, less drift."""
+    """Local mini-batch steps per round, the same budget for every owner whatever its data size (0: local_epochs
+    whole epochs); the epochs it spans are consecutive seeded epochs. Fewer steps, less drift."""
+    round_seconds: float = 0.0
+    """A wall-clock budget per round (0: off): every owner trains until this many seconds have passed since
+    its local training began, and stops after the step in progress, so fast owners take more steps instead of
+    waiting for slow ones. Each owner's step count is recorded in metrics.jsonl (train.replay_steps replays them)."""
+    replay_steps: str = ""
+    """A metrics.jsonl of an earlier run: every owner trains exactly the step count recorded for it (by name)
+    in each round, instead of local_epochs, local_steps or round_seconds: the same weights, bit for bit."""
     optimizer_state: str = "keep"
     """After unify: keep each owner's optimizer state, or reset it to fresh."""
     target_accuracy: float = 0.0
@@ -193,6 +203,14 @@ class TrainConfig:
             out.append(f"train.absent_class_scale must be in [0, 1] (1: off), got {self.absent_class_scale}")
         if self.local_steps < 0:
             out.append(f"train.local_steps must be >= 0 (0: whole epochs), got {self.local_steps}")
+        if self.round_seconds < 0:
+            out.append(f"train.round_seconds must be >= 0 (0: off), got {self.round_seconds}")
+        if self.round_seconds > 0 and self.local_steps > 0:
+            out.append(f"train.round_seconds = {self.round_seconds} and train.local_steps = {self.local_steps} are two "
+                       "budgets for the same round: set one of them to 0")  # fmt: skip
+        if self.replay_steps and not Path(self.replay_steps).is_file():
+            out.append(f"train.replay_steps = '{self.replay_steps}' is not a file; give the metrics.jsonl of the run "
+                       "to replay")  # fmt: skip
         if self.optimizer_state not in ("keep", "reset"):
             out.append(choice("train.optimizer_state", self.optimizer_state, ("keep", "reset")))
         if not 0 <= self.target_accuracy <= 1:
@@ -230,9 +248,18 @@ class UnifyConfig:
     update_norm_bound: float = 0.0
     """Clip each owner's update (weights - previous unified weights) to this L2 norm before any rule (0: off)."""
     server_momentum: float = 0.0
-    """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off)."""
+    """Serverless FedAvgM: momentum over the rounds' unified updates, applied identically by every owner (0: off).
+    The older name of outer = 'sgd' with outer_momentum = server_momentum (and outer_lr = server_lr)."""
     server_lr: float = 1.0
-    """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied."""
+    """Serverless FedAvgM: the unified update (with momentum) is scaled by this before it is applied.
+    The older name of outer = 'sgd' with outer_lr = server_lr."""
+    outer: str = "none"
+    """Outer optimizer on the pseudo-gradient (previous unified - this round's unified), the same step on
+    every owner: none, sgd (heavy-ball momentum: FedAvgM) or nesterov (DiLoCo's: lr 0.7, momentum 0.9)."""
+    outer_lr: float = 0.7
+    """Outer optimizer's learning rate (with outer = sgd or nesterov; 1 with momentum 0 is no outer step)."""
+    outer_momentum: float = 0.9
+    """Outer optimizer's momentum, in [0, 1) (with outer = sgd or nesterov)."""
     dp_noise_multiplier: float = 0.0
     """Differential privacy: each owner adds Gaussian noise of std dp_noise_multiplier x update_norm_bound
     to its clipped update before it leaves the rank (0: off; needs update_norm_bound > 0)."""
@@ -242,6 +269,14 @@ class UnifyConfig:
     """Differential privacy budget: the run stops before the round whose releases would take an owner's
     epsilon (at dp_delta) past this, having saved the last affordable round (0: no budget; needs
     dp_noise_multiplier > 0). Privacy spent is in every checkpoint, so a resumed run keeps counting."""
+    normalize_steps: bool = False
+    """FedNova: each owner's update is divided by its local step count and the unified update multiplied by
+    the owners' mean step count (weighted as the rule weighs them), so an owner that took more steps does not
+    pull harder. avg and weighted_avg only; forces update space; the loop passes the counts (unify(steps=N))."""
+    overlap: bool = False
+    """The program's overlapped unify (unify_dist.overlap): round r's unify runs in the background over a second
+    gloo group while round r+1 trains, and is applied at the end of round r+1 with that round's own progress
+    kept on top. CPU owners; avg and weighted_avg; no compress, compare, auto or DP noise."""
     compress: str = "none"
     """Transport of updates: none, bf16 / fp16 (16-bit casts), int8 (blockwise scaled), each with error
     feedback (an owner's unsent remainder joins its next update). Forces update space; sums only (avg,
@@ -272,6 +307,9 @@ class UnifyConfig:
             out.append(f"unify.server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_lr <= 0:
             out.append(f"unify.server_lr must be > 0, got {self.server_lr}")
+        out += _outer_problems(self)
+        out += _normalize_problems(self)
+        out += _overlap_problems(self)
         if self.dp_noise_multiplier < 0:
             out.append(f"unify.dp_noise_multiplier must be >= 0 (0: off), got {self.dp_noise_multiplier}")
         if self.dp_noise_multiplier > 0 and self.update_norm_bound <= 0:
@@ -310,6 +348,67 @@ class DistConfig:
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
         return out
+
+
+def outer_settings(cfg: "UnifyConfig") -> tuple[str, float, float] | None:
+    """(kind, lr, momentum) of the outer optimizer in force, None for none; the server_* names map to sgd."""
+    if cfg.outer != "none":
+        return cfg.outer, cfg.outer_lr, cfg.outer_momentum
+    if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
+        return "sgd", cfg.server_lr, cfg.server_momentum
+    return None
+
+
+def _outer_problems(cfg: "UnifyConfig") -> list[str]:
+    from unify_dist.outer import OUTER_OPTIMIZERS  # late, as the other registries
+
+    if cfg.outer not in OUTER_OPTIMIZERS:
+        return [choice("unify.outer", cfg.outer, OUTER_OPTIMIZERS)]
+    out = []
+    if cfg.outer_lr <= 0:
+        out.append(f"unify.outer_lr must be > 0, got {cfg.outer_lr}")
+    if not 0 <= cfg.outer_momentum < 1:
+        out.append(f"unify.outer_momentum must be in [0, 1), got {cfg.outer_momentum}")
+    if cfg.outer != "none" and (cfg.server_momentum > 0 or cfg.server_lr != 1.0):
+        out.append(f"unify.outer = '{cfg.outer}' and unify.server_momentum / server_lr are both set: server_* are the "
+                   "older names of outer = 'sgd' with outer_momentum / outer_lr; keep only the outer_* keys")  # fmt: skip
+    return out
+
+
+def _normalize_problems(cfg: "UnifyConfig") -> list[str]:
+    """unify.normalize_steps rescales a weighted mean of updates: sum rules only, and one rule per round."""
+    from unify_dist.rules import SPECS  # late: rules import nothing from config
+
+    if not cfg.normalize_steps:
+        return []
+    if cfg.rule == "auto" or cfg.compare:
+        return ["unify.normalize_steps with unify.compare or rule = 'auto' is not supported (the candidates' unify "
+                "knows no step counts): name one rule and leave compare empty, or set normalize_steps = false"]  # fmt: skip
+    kind = SPECS[cfg.rule].collective if cfg.rule in SPECS else None
+    if kind not in ("sum", "weighted_sum"):
+        return [f"unify.normalize_steps (FedNova) rescales a mean of updates: it serves avg and weighted_avg, not "
+                f"unify rule '{cfg.rule}'; set normalize_steps = false or rule = 'avg'"]  # fmt: skip
+    return []
+
+
+def _overlap_problems(cfg: "UnifyConfig") -> list[str]:
+    """unify.overlap: the combinations it has been built and tested for, the others refused with the reason."""
+    if not cfg.overlap:
+        return []
+    out = []
+    if cfg.rule not in ("avg", "weighted_avg"):
+        out.append(f"unify.overlap serves avg and weighted_avg, not unify rule '{cfg.rule}' (robust and vote rules are "
+                   "untested in the background unify); set overlap = false or rule = 'avg'")  # fmt: skip
+    if cfg.compare:
+        out.append("unify.overlap with unify.compare: side-by-side candidates need this round's unify, which "
+                   "overlap applies a round later; leave compare empty or set overlap = false")  # fmt: skip
+    if cfg.compress != "none":
+        out.append(f"unify.overlap with unify.compress = '{cfg.compress}': untested (the residual would travel in "
+                   "the background unify's state); set compress = 'none' or overlap = false")  # fmt: skip
+    if cfg.dp_noise_multiplier > 0:
+        out.append("unify.overlap with unify.dp_noise_multiplier > 0: untested (the privacy accountant counts the "
+                   "background unify's releases); set one of them off")  # fmt: skip
+    return out
 
 
 COMPRESS_MODES = ("none", "bf16", "fp16", "int8")

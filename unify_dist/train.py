@@ -67,18 +67,22 @@ def train_epoch(
     on_grads: Callable[[], None] | None = None,
     max_steps: int = 0,
     logit_scale: Tensor | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> float:
     """One pass over `data` in a seeded order; returns the mean training loss.
 
     The order is torch.randperm(len(data), generator) on both paths, so a Split and a Stream of the same
     items train identically. extra_loss is added to every batch's loss (FedProx); on_grads runs after
     backward, before the step; max_steps > 0 stops after that many batches (the seeded order's first
-    max_steps batches); logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS).
+    max_steps batches); logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS);
+    stop, asked after every step, ends the pass early when it says so (a wall-clock budget: the steps taken
+    are still the seeded order's first ones, so a count replays them exactly).
     """
     model.train()
     order = torch.randperm(len(data), generator=generator)
     end = min(len(data), max_steps * batch_size) if max_steps else len(data)
     total = torch.zeros((), device=data.device)
+    seen = 0
     for x, y in data.batches(order[:end], batch_size, generator):
         logits = model(x)
         if logit_scale is not None:
@@ -92,9 +96,12 @@ def train_epoch(
             on_grads()  # e.g. SCAFFOLD's drift correction, between backward and step
         optimizer.step()
         total.add_(loss.detach(), alpha=len(y))  # one fused op, stays on device: no sync per batch
+        seen += len(y)
         if on_batch is not None:
             on_batch()
-    return float(total) / max(end, 1)  # one host sync per epoch
+        if stop is not None and stop():
+            break
+    return float(total) / max(seen, 1)  # one host sync per epoch
 
 
 @torch.no_grad()

@@ -21,10 +21,12 @@ copies. Integer buffers (BatchNorm's num_batches_tracked) take the largest value
 
 Order of one unify (unify_dist.wrappers composes the concerns around the core):
   1. this owner checks its weights for NaN/Inf (nonfinite = fail: every rank stops; skip: left out);
-  2. update space (when an option needs it): update = weights - anchor, clipped, noised;
+  2. update space (when an option needs it): update = weights - anchor, per local step (normalize_steps),
+     clipped, noised;
   3. the rule's own per-owner step (ties' trim), then its collective (unify_dist.collectives); with
      unify.compress the update, plus what earlier rounds could not send, travels compressed;
-  4. the unified update through server momentum, back to weights, new anchor;
+  4. the unified update times the owners' mean step count (normalize_steps, unify_dist.fednova), through
+     the outer optimizer (unify_dist.outer), back to weights, new anchor;
   5. every rank's digest gathered and compared: equal bits, or DivergenceError.
 """
 
@@ -43,11 +45,13 @@ import torch.distributed as dist
 from torch import nn
 
 from unify_dist.collectives import Collective, DivergenceError, NonFiniteError, tail_size, verify_identical
-from unify_dist.config import UnifyConfig
+from unify_dist.config import UnifyConfig, outer_settings
+from unify_dist.fednova import mean_steps
 from unify_dist.flat import FlatState
+from unify_dist.outer import OuterOptimizer
 from unify_dist.rules import RULES, SPECS
 from unify_dist.wire import WireError, broadcast_tensor, gather_bytes, gather_json
-from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, ServerMomentum, UpdateSpace, int8_levels
+from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, UpdateSpace, int8_levels
 
 __all__ = ["Unifier", "UnifyOutcome", "same_start", "structure"]
 
@@ -119,6 +123,9 @@ class Unifier:
         return self
 
     def _setup(self, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup | None, reducer: Any) -> None:
+        if cfg.overlap:
+            raise ValueError("unify.overlap is the round loop's (unify_dist.overlap.OverlappedUnifier); a Unifier "
+                             "unifies when called: build it with overlap=False")  # fmt: skip
         self.flat, self.cfg, self.group, self.rule = flat, cfg, group, cfg.rule
         self.rank = dist.get_rank(group)
         self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)
@@ -133,8 +140,9 @@ class Unifier:
             if cfg.dp_noise_multiplier > 0:
                 self.owner_steps.append(GaussianNoise(cfg.dp_noise_multiplier, cfg.update_norm_bound, cfg.dp_delta))
         self.unified_steps: list[Any] = []
-        if cfg.server_momentum > 0 or cfg.server_lr != 1.0:
-            self.unified_steps.append(ServerMomentum(cfg.server_momentum, cfg.server_lr, flat.values))
+        outer = outer_settings(cfg)  # unify.outer, or the server_* names of outer = sgd
+        if outer is not None:
+            self.unified_steps.append(OuterOptimizer(*outer, like=flat.values))
         self.compress = ErrorFeedback(cfg.compress, flat.values) if cfg.compress != "none" else None
         _check_compress_world(cfg.compress, self.core.world)
 
@@ -157,10 +165,12 @@ class Unifier:
                 part.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------ unify
-    def unify(self, weight: float = 1.0, *, rule: str | None = None, commit: bool = True, verify: bool = True) -> UnifyOutcome:
+    def unify(self, weight: float = 1.0, *, rule: str | None = None, commit: bool = True, verify: bool = True,
+              steps: int = 0) -> UnifyOutcome:  # fmt: skip
         """Replace this owner's weights with the unified weights of all owners. A collective.
 
         weight: this owner's weight for weighted rules (its local sample count, say); others ignore it.
+        steps: this owner's local steps since the last unify; used (and needed, >= 1) with normalize_steps.
         rule: another registered rule for this call only (side-by-side comparisons).
         commit: False leaves anchor and momentum as they were (a candidate that will be thrown away).
         verify: False skips the digest check (benchmarks; the round loop always verifies).
@@ -191,11 +201,16 @@ class Unifier:
         if self.compress is not None and self.core.path(spec) not in ("sum", "weighted_sum"):
             raise ValueError(f"unify.compress = '{self.compress.mode}' serves sums only (avg, weighted_avg), not "
                              f"unify rule '{name}': unify it with a Unifier whose compress is 'none'")  # fmt: skip
-        delta = self.space is not None and (self.cfg.space == "delta" or spec.delta_only or self.compress is not None)
+        if self.cfg.normalize_steps and self.core.path(spec) not in ("sum", "weighted_sum"):
+            raise ValueError(f"unify.normalize_steps rescales a mean of updates (avg, weighted_avg), not unify rule "
+                             f"'{name}': unify it with a Unifier whose normalize_steps is false")  # fmt: skip
+        delta = self.space is not None and (self.cfg.space == "delta" or spec.delta_only or self.compress is not None
+                                            or self.cfg.normalize_steps)  # fmt: skip
         options = {k: getattr(self.cfg, k) for k in spec.options}
         values = self.flat.values
         t0 = time.perf_counter()
         self.core.bytes_sent = 0
+        counts = self._agree_steps(weight, steps) if self.cfg.normalize_steps else None  # collective
 
         # 1. with nothing to do before the collective, the core checks (the sum paths in the pass that
         # scales the values: one trip through memory); else this owner checks first, here
@@ -203,7 +218,7 @@ class Unifier:
         checked = local_work or self.compress is not None
         sick_tensor = self.core.find_nonfinite() if checked else None  # host sync
         if sick_tensor is None:
-            self._owner_side(values, delta, commit)  # 2.
+            self._owner_side(values, delta, commit, steps if counts is not None else 0)  # 2.
             if spec.owner_step is not None:
                 values.copy_(spec.owner_step(values, **options))  # 3. needs this owner's whole vector
         combine = spec.combine or partial(spec.reference, **options)
@@ -221,6 +236,10 @@ class Unifier:
             )
         if len(sick) == self.core.world:
             raise NonFiniteError("every owner has non-finite weights: there is nothing left to unify")
+        if counts is not None:  # FedNova: the mean of per-step updates, back to a mean round's length
+            healthy = [r for r in range(self.core.world) if r not in sick]
+            weights = counts[healthy, 0] if self.core.path(spec) == "weighted_sum" else torch.ones(len(healthy))
+            values.mul_(mean_steps(counts[healthy, 1], weights))
         if self.space is not None:
             self._unified_side(values, delta, commit)  # 4.
         seconds = time.perf_counter() - t0
@@ -229,11 +248,28 @@ class Unifier:
         epsilon = noise.epsilon() if noise else None
         return UnifyOutcome(name, sick, digests[0] if digests else None, seconds, epsilon, self.core.bytes_sent, digests)
 
-    def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool) -> None:
-        """Local, before any collective: this owner's (clipped, noised) update, or weights = anchor + that."""
+    def _agree_steps(self, weight: float, steps: int) -> torch.Tensor:
+        """Every owner's (weight, local steps), rank order, on every rank: one small all_gather of float64.
+
+        A count below 1 raises the same ValueError on every rank (after the gather: nobody is left waiting).
+        """
+        mine = torch.tensor([weight, float(steps)], dtype=torch.float64, device=self.flat.values.device)
+        out = [torch.empty_like(mine) for _ in range(self.core.world)]
+        self.core._all_gather(out, mine)  # collective (the reducer's with trust on)
+        counts = torch.stack(out).cpu()
+        missing = [r for r in range(self.core.world) if not counts[r, 1] >= 1]
+        if missing:
+            raise ValueError(f"unify.normalize_steps needs every owner's local step count, and owner(s) {missing} "
+                             "passed none: call unify(weight, steps=N) with N >= 1 local steps since the last unify")  # fmt: skip
+        return counts
+
+    def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool, steps: int = 0) -> None:
+        """Local, before any collective: this owner's (per-step, clipped, noised) update, or weights = anchor + that."""
         if self.space is None or not (delta or self.owner_steps):
             return
         values.sub_(self.space.anchor)  # this owner's update since the last unified model
+        if steps:
+            values.div_(steps)  # FedNova: the update per local step
         for step in self.owner_steps:
             step(values, commit)
         if not delta:
@@ -256,7 +292,7 @@ class Unifier:
 
 
 class _Kept:
-    """What a unify may change in place: the flat state, the anchor, server momentum, the compression
+    """What a unify may change in place: the flat state, the anchor, the outer optimizer's momentum, the compression
     residual. The noise's privacy accounting is not rolled back: noised bytes may have left already."""
 
     def __init__(self, unifier: Unifier):
@@ -278,8 +314,8 @@ class _Kept:
         self._momentum()
 
     def _momentum(self) -> None:
-        # ServerMomentum replaces its tensor on commit (never writes into it): keeping the reference is enough
-        self.momentum = [(s, s.momentum) for s in self.unifier.unified_steps if isinstance(s, ServerMomentum)]
+        # OuterOptimizer replaces its momentum tensor on commit (never writes into it): keeping the reference is enough
+        self.momentum = [(s, s.momentum) for s in self.unifier.unified_steps if isinstance(s, OuterOptimizer)]
 
     def restore(self) -> None:
         u = self.unifier
@@ -305,8 +341,9 @@ def _kept_note(error: Exception) -> Exception:
 def _needs_anchor(cfg: UnifyConfig) -> bool:
     """Whether any option in use needs the previous unified state."""
     delta_rule = any(SPECS[r].delta_only for r in [cfg.rule, *cfg.compare] if r in SPECS)
-    server = cfg.server_momentum > 0 or cfg.server_lr != 1.0
-    return cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server or cfg.compress != "none"
+    server = outer_settings(cfg) is not None
+    return (cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server or cfg.compress != "none"
+            or cfg.normalize_steps)  # fmt: skip
 
 
 def _check_compress_world(mode: str, owners: int) -> None:

@@ -9,7 +9,7 @@ A unify in update space (any option below) works on an owner's *update*, its wei
         ErrorFeedback   + what earlier rounds could not send; compressed     (unify.compress; forces delta)
     the rule's collective (on updates in delta space, else on anchor + update)
     after, identical arithmetic on every rank:      unified update u
-        ServerMomentum  m = beta m + u; u = lr m                             (unify.server_momentum, server_lr)
+        OuterOptimizer  m = beta m + u; u = lr m (sgd), lr (u + beta m) (nesterov)   (unify.outer; unify_dist.outer)
     unified = anchor + u; the anchor becomes unified (unless the unify is a side-by-side candidate)
 
 Like Flower's DP wrappers and torchft's outer optimizer, each concern is optional and independent, and
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from unify_dist.privacy import dp_epsilon, require_dp_accounting
-from unify_dist.rules import clip_factor, server_step
+from unify_dist.rules import clip_factor
 
 __all__ = [
-    "OwnerStep", "UnifiedStep", "UpdateSpace", "ClipUpdate", "GaussianNoise", "ServerMomentum", "ErrorFeedback",
+    "OwnerStep", "UnifiedStep", "UpdateSpace", "ClipUpdate", "GaussianNoise", "ErrorFeedback",
     "COMPRESS_BLOCK", "HALF_DTYPES", "int8_levels", "block_absmax", "quantize_int8", "dequantize_int8", "to_half",
 ]  # fmt: skip
 
@@ -107,30 +107,6 @@ class GaussianNoise:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.releases = int(state.get("dp_releases", 0))
-
-
-class ServerMomentum:
-    """Serverless FedAvgM: every rank applies the same momentum step to the round's unified update."""
-
-    def __init__(self, beta: float, lr: float, like: Tensor):
-        self.beta, self.lr = beta, lr
-        self.momentum: Tensor | None = torch.zeros_like(like) if beta > 0 else None
-
-    def __call__(self, update: Tensor, commit: bool) -> None:
-        step, momentum = server_step(update, self.momentum, self.beta, self.lr)
-        update.copy_(step)
-        if commit:  # a side-by-side candidate leaves the momentum as it was
-            self.momentum = momentum
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.momentum is None else {"momentum": self.momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.momentum is not None:
-            if "momentum" in state:
-                self.momentum.copy_(state["momentum"])
-            else:
-                self.momentum.zero_()
 
 
 # ------------------------------------------------------------------------------------ compression

@@ -87,10 +87,27 @@ class RunConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 out += section.problems()
-        return out
+        return out + _overlap_problems(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _overlap_problems(cfg: RunConfig) -> list[str]:
+    """unify.overlap against the other sections: what its background unify cannot share with them."""
+    if not cfg.unify.overlap:
+        return []
+    out = []
+    if cfg.trust.enabled:
+        out.append("unify.overlap with trust.enabled: the sealed ring is one ring of point-to-point messages in call "
+                   "order on the main group, and a background unify would interleave with it; set overlap = false")  # fmt: skip
+    if cfg.train.scaffold:
+        out.append("unify.overlap with train.scaffold: SCAFFOLD's control variates assume every owner starts the "
+                   "round from this round's unified model; set one of them off")  # fmt: skip
+    if cfg.dist.device == "cuda" or cfg.dist.backend == "nccl":
+        out.append("unify.overlap runs on CPU owners over gloo (a second gloo group for the background unify); set "
+                   "dist.device = 'cpu' and dist.backend = 'gloo', or overlap = false")  # fmt: skip
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

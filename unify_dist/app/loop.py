@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unify_dist.app import budget
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
 from unify_dist.app.owners import Membership, agree_on_owners
@@ -38,6 +40,7 @@ from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
+from unify_dist.overlap import OverlappedUnifier
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.wire import WireError, broadcast_bytes, gather_json
 from unify_dist.wrappers import GaussianNoise
@@ -74,7 +77,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         same_start(model, reducer=reducer)  # collective: rank 0's initial weights everywhere, proven identical
     config_hash = fingerprint_hash(fingerprint(cfg, model, data.classes))  # what every owner checked equal
     flat = FlatState(model, tail=tail_size(ctx.world_size, model))
-    state = TrainState(cfg, model, Unifier.over(flat, cfg.unify, reducer=reducer))
+    state = TrainState(cfg, model, _unifier(cfg, ctx, model, flat, reducer))
     if state.scaffold is not None:
         state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
     ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
@@ -83,10 +86,16 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     _check_budget(cfg, ctx, state.unifier, start, members)  # collective
     metrics.keep_until(start)
     out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
+    replay = budget.read_replay(cfg.train.replay_steps) if cfg.train.replay_steps else None
 
     for round_ in range(start + 1, cfg.train.max_rounds + 1):
-        # 1. Train locally, on this owner's data only.
-        loss = _train_locally(cfg, members.index, state, data, round_, out)
+        # 1. Train locally, on this owner's data only, for the round's budget (budget.py).
+        clock = budget.Clock(model)
+        if cfg.unify.overlap:
+            state.unifier.begin_round()  # this owner's own weights back (between rounds: the unified state)
+        plan = budget.plan(cfg.train, round_, members.name, replay, state.records, cfg.unify.overlap)
+        loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
+        clock.trained()
         local = _evaluate_local(cfg, model, data)
         for hook in hooks:
             hook.before_unify(round_, state.unifier)
@@ -95,7 +104,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         candidates = _candidates(cfg, ctx, state.unifier, model, data, round_)
         rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
         with stage(f"unify ({rule}) in round {round_}", ctx):
-            outcome = state.unifier.unify(float(len(data.train)), rule=rule)  # collective, digests compared
+            outcome = state.unifier.unify(float(len(data.train)), rule=rule, steps=steps)  # collective, digests compared
         for r in outcome.skipped:
             out.warn(f"round {round_}: owner {r} had non-finite weights and was left out of this unify")
         if cfg.train.optimizer_state == "reset":
@@ -105,7 +114,9 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         record, budgets = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer,
                                             _budget(cfg, state.unifier))  # fmt: skip
         _name_owners(record, members, state.records)
-        _bind(record, cfg, config_hash, state.records)
+        with stage(f"step counts in round {round_}", ctx):  # collective: every owner's steps and times, recorded
+            budget.add_to_record(record, budget.agree_counts(clock.counts(steps), ctx.wire_device, reducer))
+        _bind(record, cfg, config_hash, state.records)  # after every field is in: the signature covers them all
         sign_round(record, reducer)  # collective with trust on: every owner signs the same record, sealed
         state.records.append(record)
         out.round_row(record)
@@ -122,11 +133,25 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             out.info(f"every owner reached {cfg.train.target_accuracy:.2%} validation accuracy in round {round_}")
             break
 
+    if cfg.unify.overlap:
+        state.unifier.finish()  # the last round's unify, applied: every owner ends with the same model
     if ctx.is_main:
         final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records}
         save_atomic(final, run_dir / "final.pt")
         out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
     return state.records
+
+
+def _unifier(cfg: RunConfig, ctx: Context, model: nn.Module, flat: FlatState, reducer) -> Unifier | OverlappedUnifier:
+    """The round's unifier: plain, or with unify.overlap one that unifies in the background on a second group
+    (trust on is refused with overlap before this: the sealed ring is the main group's)."""
+    if not cfg.unify.overlap:
+        return Unifier.over(flat, cfg.unify, reducer=reducer)
+    if ctx.device.type != "cpu":
+        raise UserError(f"unify.overlap runs on CPU owners over gloo, and this owner trains on {ctx.device}: set "
+                        "dist.device = 'cpu', or unify.overlap = false")  # fmt: skip
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.dist.timeout_s))  # collective
+    return OverlappedUnifier(model, flat, cfg.unify, group)
 
 
 def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
@@ -264,15 +289,19 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: Sealed
     return data
 
 
-def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter) -> float:
-    """This owner's local epochs of the round (or train.local_steps steps); returns the last epoch's loss.
+def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter,
+                   plan: budget.Budget) -> tuple[float, int]:  # fmt: skip
+    """This owner's local training of the round, to `plan`; returns the last epoch's loss and the steps taken.
 
-    The data order depends on the owner's place in the owner list, not its rank: a rank can change.
+    The data order depends on the owner's place in the owner list, not its rank: a rank can change. Every
+    budget takes the seeded order's first steps, epoch after epoch, so the step count replays the round.
     """
     model, optimizer, scaffold = state.model, state.optimizer, state.scaffold
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
-    steps_left = cfg.train.local_steps  # 0: whole epochs
-    epochs = -(-steps_left // per_epoch) if steps_left else cfg.train.local_epochs
+    steps_left = plan.steps  # 0: whole epochs
+    epochs = -(-steps_left // per_epoch) if steps_left else plan.epochs  # a time budget: as many as fit
+    stop = budget.Deadline(plan.seconds) if plan.kind == "seconds" else None
+    taken = 0
     set_lr(optimizer, round_lr(cfg.train, round_))  # the schedule is a function of the round: nothing to restore
     loss = 0.0
     prox = proximal_term(model, cfg.train.fedprox_mu)  # FedProx: stay near the unified start (None: off)
@@ -281,18 +310,26 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
     on_grads = scaffold.correct_grads if scaffold is not None else None
     scale = cfg.train.absent_class_scale  # FedRS; a stream's labels are read once, and only when it is on
     logit_scale = absent_class_scale(data.train.labels(), data.num_classes, scale) if scale != 1 else None
-    with out.progress(f"round {round_}: local training", steps_left or per_epoch * epochs) as advance:
-        for epoch in range(epochs):
+    with out.progress(f"round {round_}: local training", steps_left or per_epoch * max(epochs, 1)) as advance:
+
+        def step() -> None:
+            nonlocal taken
+            taken += 1
+            advance()
+
+        epoch = 0
+        while epoch < epochs or (stop is not None and not stop.done):
             g = epoch_generator(cfg.train.seed, round_, owner, epoch)
             take = min(steps_left, per_epoch)  # 0 when training whole epochs
             loss = train_epoch(
-                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=advance, extra_loss=prox,
-                on_grads=on_grads, max_steps=take, logit_scale=logit_scale,
+                model, optimizer, data.train, cfg.train.batch_size, g, on_batch=step, extra_loss=prox,
+                on_grads=on_grads, max_steps=take, logit_scale=logit_scale, stop=stop,
             )  # fmt: skip
             steps_left -= take
+            epoch += 1
     if scaffold is not None:
         scaffold.end_round()  # collective: SCAFFOLD's control variates
-    return loss
+    return loss, taken
 
 
 def _evaluate_local(cfg: RunConfig, model: nn.Module, data: OwnerData) -> list[Any]:
@@ -502,6 +539,9 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
         older = max((r for r in mine if r < round_), default=0)
         state.load_own_state(ckpt.load(older) if older else None)
     everyone_had_it = all(round_ in h for h in held)  # the same verdict on every rank
+    if cfg.unify.overlap and not everyone_had_it:  # the same verdict on every rank
+        raise UserError(f"unify.overlap cannot hand round {round_} to an owner that lacks it (its own and sent weights "
+                        "are its own); resume with the owners of that round, or set output.resume = false")  # fmt: skip
     with stage("resume from a peer", ctx):
         if not everyone_had_it:
             _take_from(source, state, needed=round_ not in mine, reducer=reducer)  # collective

@@ -1,0 +1,116 @@
+"""Overlapped unify (unify.overlap): round r's unify in the background, applied at the end of round r+1 with
+that round's progress on top. On real gloo groups against the schedule worked by hand on stacked tensors
+(the unified state every owner holds, proven by digests every round), through the program with a kill and
+resume bit-identical, and the combinations it does not serve refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tests.world import run_world, torchrun
+from unify_dist.app.config import RunConfig, TrustConfig
+from unify_dist.collectives import tail_size
+from unify_dist.config import TrainConfig, UnifyConfig
+from unify_dist.flat import FlatState
+from unify_dist.overlap import OverlappedUnifier
+
+ROUNDS = 4
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))  # BatchNorm: an integer buffer too
+
+
+def _progress(rank: int, n: int, round_: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(100 * round_ + rank)) * (rank + 1) * 0.1
+
+
+def _overlapped(rank: int, world: int) -> dict:
+    model = _model()
+    flat = FlatState(model, tail=tail_size(world, model))
+    unifier = OverlappedUnifier(model, flat, UnifyConfig(), dist.new_group(backend="gloo"))
+    held, own, digests = [], [], []
+    for round_ in range(1, ROUNDS + 1):
+        unifier.begin_round()
+        own.append(flat.values.clone())  # what this owner trains on
+        flat.values.add_(_progress(rank, flat.numel, round_))  # "training"
+        digests.append(unifier.unify().digest)
+        held.append(flat.values.clone())  # the unified state, the same on every owner
+    unifier.finish()
+    return {"held": held, "own": own, "digests": digests, "final": flat.values.clone()}
+
+
+def _by_hand(world: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], torch.Tensor]:
+    """a_1 = start; at the end of round r: a_r = mean(s_{r-1}), x_i <- x_i - s_{r-1,i} + a_r, s_{r,i} = x_i."""
+    start = FlatState(_model()).values.clone()
+    x = [start.clone() for _ in range(world)]
+    sent, unified = None, start.clone()
+    held, own = [], []
+    for round_ in range(1, ROUNDS + 1):
+        own.append([xi.clone() for xi in x])
+        x = [xi + _progress(i, start.numel(), round_) for i, xi in enumerate(x)]
+        if sent is not None:
+            unified = torch.stack(sent).mean(0)
+            x = [xi - si + unified for xi, si in zip(x, sent)]
+        sent = [xi.clone() for xi in x]
+        held.append(unified)
+    return held, own, torch.stack(sent).mean(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_schedule_by_hand_on_every_rank(world: int) -> None:
+    results = run_world(_overlapped, world)
+    held, own, final = _by_hand(world)
+    for rank, r in enumerate(results):
+        assert r["digests"] == results[0]["digests"] and None not in r["digests"]
+        for round_ in range(ROUNDS):
+            torch.testing.assert_close(r["held"][round_], held[round_], rtol=1e-5, atol=1e-6)
+            assert torch.equal(r["held"][round_], results[0]["held"][round_])  # identical bits on every owner
+            torch.testing.assert_close(r["own"][round_], own[round_][rank], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["final"], final, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r["final"], results[0]["final"])
+    assert not torch.equal(results[0]["own"][2], results[1]["own"][2])  # owners train on their own weights
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_overlap_through_the_program_resumes_bit_identical(tmp_path: Path, data_root) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    base = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=600", "--set",
+            "data.test_size=400", "--set", "train.threads=1", "--set", "output.progress=false", "--set",
+            "unify.overlap=true", "--set", "unify.outer=nesterov", "--set", "train.local_steps=6",
+            "--set", "unify.normalize_steps=true"]  # fmt: skip
+    for out, rounds in ((whole, 4), (cut, 2), (cut, 4)):  # the cut run stops after round 2 and resumes
+        proc = torchrun([*base, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={out}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from round 2" in proc.stdout
+    a, b = _records(whole), _records(cut)
+    assert [r["digest"] for r in a] == [r["digest"] for r in b] and len(a) == ROUNDS
+    assert len({r["digest"] for r in a}) == ROUNDS  # the unified state moves every round
+    final_a = torch.load(whole / "final.pt", weights_only=True)["model"]
+    final_b = torch.load(cut / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "words"),
+    [(RunConfig(unify=UnifyConfig(overlap=True, rule="median")), "serves avg and weighted_avg, not unify rule 'median'"),
+     (RunConfig(unify=UnifyConfig(overlap=True, compress="int8")), "unify.compress = 'int8'"),
+     (RunConfig(unify=UnifyConfig(overlap=True, compare=["max"])), "side-by-side candidates"),
+     (RunConfig(unify=UnifyConfig(overlap=True), trust=TrustConfig(enabled=True, roster="pyproject.toml", key="k",
+                                                                    owner="o")), "sealed ring"),
+     (RunConfig(unify=UnifyConfig(overlap=True), train=TrainConfig(scaffold=True)), "SCAFFOLD")],
+)  # fmt: skip
+def test_overlap_refuses_what_it_does_not_serve(cfg: RunConfig, words: str) -> None:
+    (problem,) = cfg.problems()
+    assert words in problem

@@ -1,0 +1,175 @@
+"""Overlapped unify (unify.overlap): round r's unify runs in the background while round r+1 trains.
+
+Each owner hands its round-r weights to a background thread, which unifies them over a second gloo
+process group (so its collectives never interleave with the main thread's), and goes on training. At
+the end of round r+1 it takes the result and keeps its own round-(r+1) progress on top, as Streaming
+DiLoCo merges (one round of delay):
+
+    end of round r+1:   a_{r+1} = unify of the owners' round-r weights          (waits only if not done yet)
+                        x <- a_{r+1} + (x - s_r)                                 (s_r: the weights sent in round r)
+                        s_{r+1} = x; unify of s_{r+1} starts in the background   (its update: round r+1's progress)
+
+What is identical on every owner after round r: the unified state a_r that every owner applies at the
+end of round r, the unify of the owners' round-(r-1) weights (a_1: the common start). It is what the
+model holds between `unify()` and the next `begin_round()` (so it is what the round evaluates and
+checkpoints), and its digest is proven equal on every rank every round: by the background unify's own
+digest check (round 2 on), or by one on the main thread (round 1). The owner's own weights x differ
+between owners (each has its unsent progress) and live in this object's state until `begin_round()`.
+`finish()` waits for the last unify and leaves every owner holding it (the run's final model).
+
+The background unify is a plain Unifier (rule, outer optimizer, normalize_steps, digest check) over a
+shadow copy of the model; its state before the unify in flight travels in checkpoints with the weights
+sent, so a resumed run starts that unify again and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unify_dist.collectives import verify_identical
+from unify_dist.config import UnifyConfig
+from unify_dist.flat import FlatState
+from unify_dist.unifier import Unifier, UnifyOutcome
+
+__all__ = ["OverlappedUnifier"]
+
+
+class _Pending:
+    """One background unify: a daemon thread (a run that fails must not hang at exit), its outcome or error."""
+
+    def __init__(self, fn, *args: Any, **kwargs: Any):
+        self.outcome: UnifyOutcome | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="unify-overlap", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self.outcome = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised on the main thread by wait()
+            self.error = e
+
+    def wait(self) -> UnifyOutcome:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+
+class OverlappedUnifier:
+    """A Unifier whose unify of round r is applied at the end of round r+1, overlapping round r+1's training.
+
+    Args:
+        model, flat: the owner's model and its FlatState (identical on every rank at construction).
+        cfg: the unify settings (rule, outer optimizer, normalize_steps); cfg.overlap is implied.
+        group: a process group used by the background thread only, e.g. dist.new_group(backend="gloo");
+            never the group of the main thread's collectives.
+    Call `begin_round()` before each round's training, `unify(weight, steps=...)` after it, and `finish()`
+    after the last round. Constructing it is local (no collective).
+    """
+
+    def __init__(self, model: nn.Module, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup):
+        self.flat, self.group = flat, group
+        self.shadow = FlatState(copy.deepcopy(model), tail=flat.tail.numel())  # what the background unifies
+        self.shadow.values.copy_(flat.values)
+        self.shadow.ints.copy_(flat.ints)
+        self.background = Unifier.over(self.shadow, dataclasses.replace(cfg, overlap=False), group)
+        self.core = self.background.core  # the program sets its reducer (None: trust is refused with overlap)
+        self.own = (flat.values.clone(), flat.ints.clone())  # x: this owner's weights while the model holds a_r
+        self.sent = (flat.values.clone(), flat.ints.clone())  # s: the weights of the unify in flight
+        self.unified = (flat.values.clone(), flat.ints.clone())  # a_r: identical on every owner
+        self.pending: _Pending | None = None
+        self.launch: dict[str, Any] = {}  # the unify in flight: its arguments and the background state before it
+
+    # ------------------------------------------------------------------------------------ rounds
+    def begin_round(self) -> None:
+        """Put this owner's own weights back into the model (between rounds it holds the unified state)."""
+        _set(_pair(self.flat), self.own)
+
+    def unify(self, weight: float = 1.0, *, rule: str | None = None, steps: int = 0) -> UnifyOutcome:
+        """Apply the previous round's unify (waiting for it if needed), start this round's, and leave the
+        model holding the applied unified state. The outcome describes that state; `seconds` is the time
+        this call took, waiting included. A collective on the background group (and on the main group in
+        the first round)."""
+        t0 = time.perf_counter()
+        x, x_ints = self.flat.values, self.flat.ints
+        if self.pending is not None:
+            done = self.pending.wait()  # the only place an owner can be kept waiting
+            self.pending = None
+            _set(self.unified, _pair(self.shadow))
+            x.sub_(self.sent[0]).add_(self.unified[0])  # this round's own progress on top of the unified state
+            x_ints.sub_(self.sent[1]).add_(self.unified[1])
+            skipped, digest = done.skipped, done.digest
+        else:  # the first round (or a run resumed with nothing in flight): the common start, proven here
+            _set(_pair(self.shadow), self.unified)
+            skipped, digest = [], verify_identical(self.shadow)[0]  # collective (main group)
+        self._start(weight, rule or self.background.rule, steps)
+        _set(_pair(self.flat), self.unified)  # evaluate and checkpoint the state every owner holds
+        return UnifyOutcome(rule or self.background.rule, skipped, digest, time.perf_counter() - t0)
+
+    def finish(self) -> UnifyOutcome | None:
+        """After the last round: wait for the unify in flight and give every owner its result (no progress
+        is left to keep: nothing trained since it started)."""
+        if self.pending is None:
+            return None
+        done = self.pending.wait()
+        self.pending = None
+        for pair in (self.own, self.unified, _pair(self.flat)):
+            _set(pair, _pair(self.shadow))
+        return done
+
+    def _start(self, weight: float, rule: str, steps: int) -> None:
+        """Send this owner's current weights: s = x, the background unify of s starts."""
+        for pair in (self.own, self.sent, _pair(self.shadow)):
+            _set(pair, _pair(self.flat))
+        self.launch = {"state": _cloned(self.background.state_dict()), "weight": weight, "rule": rule, "steps": steps}
+        self.pending = _Pending(self.background.unify, weight, rule=rule, steps=steps)
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The owner's own and sent weights, the unified state, and the unify in flight (restarted on load)."""
+        return {
+            "overlap_own": self.own[0], "overlap_own_ints": self.own[1],
+            "overlap_sent": self.sent[0], "overlap_sent_ints": self.sent[1],
+            "overlap_unified": self.unified[0], "overlap_unified_ints": self.unified[1],
+            "overlap_pending": self.pending is not None,
+            "overlap_launch": self.launch,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() and start its unify in flight again (a collective on the background group)."""
+        for key, pair in (("overlap_own", self.own), ("overlap_sent", self.sent), ("overlap_unified", self.unified)):
+            pair[0].copy_(state[key])
+            pair[1].copy_(state[f"{key}_ints"])
+        self.launch = state["overlap_launch"]
+        if state["overlap_pending"]:
+            self.background.load_state_dict(self.launch["state"])
+            _set(_pair(self.shadow), self.sent)
+            launch = self.launch
+            self.pending = _Pending(self.background.unify, launch["weight"], rule=launch["rule"], steps=launch["steps"])
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+"""(float values, integer buffers) of one model state."""
+
+
+def _pair(flat: FlatState) -> Pair:
+    return flat.values, flat.ints
+
+
+def _set(dst: Pair, src: Pair) -> None:
+    dst[0].copy_(src[0])
+    dst[1].copy_(src[1])
+
+
+def _cloned(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
