@@ -59,6 +59,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             hook.start(ctx.rank, ctx.world_size, out.info)
     named = cfg.trust.owner.replace("{rank}", str(ctx.rank)) if cfg.trust.enabled else ""  # admitted by it
     members = agree_on_owners(cfg.train, ctx, out.info, named)  # collective: who is here, by name
+    if ctx.watch is not None:
+        ctx.watch.names = members.present  # a peer's death is then reported by the owner's name
     data = load_data(cfg, ctx, members)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
     with stage("consistency check", ctx):
