@@ -22,6 +22,7 @@ from torch import nn
 
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
+from unify_dist.app.finished import is_finished, say_finished
 from unify_dist.app.owners import Membership, agree_on_owners
 from unify_dist.app.consistency import check_consistency, fingerprint
 from unify_dist.app.console import Reporter
@@ -76,9 +77,13 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     start = _resume(cfg, ctx, ckpt, state, members, out)
     metrics.keep_until(start)
-    out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
+    finished = is_finished(cfg, state.records, start)  # the same records on every rank: the same verdict
+    if finished:
+        say_finished(cfg, state.records, start, out)  # and train nothing; final.pt is written again below
+    else:
+        out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
 
-    for round_ in range(start + 1, cfg.train.max_rounds + 1):
+    for round_ in range(start + 1, (start if finished else cfg.train.max_rounds) + 1):
         # 1. Train locally, on this owner's data only.
         loss = _train_locally(cfg, members.index, state, data, round_, out)
         local = _evaluate_local(cfg, model, data)
