@@ -177,6 +177,7 @@ def stage(name: str, ctx: Context) -> Iterator[None]:
     began = time.monotonic()
     if ctx.watch is not None:
         ctx.watch.doing = name
+        ctx.watch.inside += 1
     try:
         yield
     except RuntimeError as e:
@@ -209,6 +210,11 @@ def stage(name: str, ctx: Context) -> Iterator[None]:
             f"rank {ctx.rank}: collective '{name}' failed after waiting up to dist.timeout_s = "
             f"{ctx.timeout_s:g}s: another owner stopped answering ({cause})"
         ) from e
+    finally:
+        if ctx.watch is not None:
+            ctx.watch.inside -= 1
+    if ctx.watch is not None and ctx.watch.gone():  # died as the collective completed: stop now, not at the next one
+        raise PeerGone(ctx.watch.describe(f"as collective '{name}' completed"))
 
 
 def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:

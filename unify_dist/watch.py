@@ -80,6 +80,8 @@ class Watch:
         """Owners' names by rank, once the group has agreed on them (messages name owners, not only ranks)."""
         self.doing = "start-up"
         """The last collective stage entered (unify_dist.distributed.stage): where this owner was."""
+        self.inside = 0
+        """How many collective stages this owner is in now: there, gloo fails by itself and the stage reports."""
         self._peers: dict[int, _Peer] = {}
         self._changed = threading.Condition()
         self._armed = False
@@ -145,6 +147,8 @@ class Watch:
             _thread.interrupt_main(_SIGNAL)
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if self.inside:  # the stage reports it, knowing where it was (and checks again when it ends)
+            return
         if self._armed and not self._reported and self.gone():
             self._reported = True
             raise PeerGone(self.describe(f"while this owner was between collectives (the last was '{self.doing}')"))

@@ -26,14 +26,16 @@ __all__ = ["ERROR_DIR_ENV", "main", "split_argv", "record_last_words"]
 ERROR_DIR_ENV = "UNIFY_DIST_ERROR_DIR"
 """Set by the launcher for its workers: where each worker leaves its exit code and its one error line."""
 
-RDZV_DEFAULTS = {"last_call_timeout": "2", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
+RDZV_DEFAULTS = {"last_call_timeout": "1", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
 """torchrun's rendezvous settings that make a dead owner's absence known in seconds (the user's --rdzv-conf wins).
 
 When an owner dies, the survivors' agents leave the old rendezvous round, but a new round opens only once
 the dead node is dropped for missing keep_alive_max_attempt heartbeats keep_alive_interval seconds apart
 (torchrun: 3 x 5 s); then, with min_nodes present, the round waits last_call_timeout for latecomers
-(torchrun: 30 s). Here: 3 x 1 s and 2 s. A latecomer that misses the last call is not lost: it waits,
-and the running agents restart the group to let it in.
+(torchrun: 30 s). Here: 3 x 1 s and 1 s (each agent polls the rendezvous once a second besides). A latecomer
+that misses the last call is not lost: it waits, and the running agents restart the group to let it in.
+Not 2 x 1 s: a waiting agent heartbeats only between those polls, so on a loaded machine it was dropped from
+the wait list again and again and never let in.
 """
 
 USAGE = "write: unify-dist launch --nproc_per_node=2 -- train --config configs/demo_cpu.toml [--set KEY=VALUE]"
