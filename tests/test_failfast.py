@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_launch import folder_owners
-from tests.world import free_port
+from tests.world import cli, free_port
 from unify_dist.app.launch import _torchrun_args
 
 OWNERS = ["ana", "ben", "cai"]
@@ -150,6 +150,28 @@ def _conf(options: list[str]) -> dict[str, str]:
 
 def test_launch_defaults_notice_a_dead_owner_fast_and_keep_the_users_values() -> None:
     conf = _conf(["--nnodes=2:3", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29400"])
-    assert conf == {"last_call_timeout": "2", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
+    assert conf == {"last_call_timeout": "1", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
     mine = _conf(["--nnodes=2:3", "--rdzv-backend=c10d", "--rdzv-conf=last_call_timeout=9,join_timeout=60"])
     assert mine["last_call_timeout"] == "9" and mine["join_timeout"] == "60" and mine["keep_alive_interval"] == "1"
+
+
+def test_a_finished_run_says_so_shows_its_table_and_names_what_trains_again(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", *folder_owners(tmp_path), "--set", "train.max_rounds=2", "--set", f"output.dir={run}"]
+    first = cli(args, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = (run / "metrics.jsonl").read_bytes()
+    saved = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*.pt")}
+    again = cli(args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout
+    assert "this run is finished (all train.max_rounds = 2 rounds ran" in said, said
+    assert "--set output.resume=false" in said and "output.dir" in said and "train.max_rounds" in said
+    rows = [ln.split()[0] for ln in said.splitlines() if re.match(r"\s+\d+\s+\d", ln)]
+    assert rows == ["1", "2"], said  # the recorded table, every round once
+    assert "owner data:" not in said  # nothing trained: no round started, nothing rewritten
+    assert (run / "metrics.jsonl").read_bytes() == record
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*.pt")} == saved
+    more = cli([*args, "--set", "train.max_rounds=3"], timeout=300)  # the named setting trains again
+    assert more.returncode == 0 and "this run is finished" not in more.stdout, more.stderr[-3000:]
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
