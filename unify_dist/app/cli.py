@@ -121,10 +121,15 @@ def _failed(e: BaseException) -> int:
 
 
 def _last_words(code: int, line: str) -> int:
-    """Say the line, or, in a worker of `unify-dist launch`, leave it to the launcher (which says it once)."""
+    """Say the line, or, in a worker of `unify-dist launch`, leave it to the launcher (which says it once).
+
+    A failed run that torchrun may restart (--max-restarts, elastic owners) is said here too: the launcher
+    speaks only when the last attempt fails, and 'owner cai is gone' must not vanish in a restart.
+    """
     from unify_dist.app.launch import record_last_words
 
-    if not record_last_words(code, line.replace("\n", " ")):
+    recorded = record_last_words(code, line.replace("\n", " "))
+    if not recorded or (code == 1 and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
         say(line)
     return code
 
