@@ -10,11 +10,14 @@ probes (the kernel's, every second after 5 idle seconds) turn a machine that van
 into a closed connection within about 10 s. A peer that is alive but silent (a stalled process) keeps
 its connection and its kernel answers the probes: that stays a timeout, as it should.
 
-A death seen between collectives interrupts the main thread (a simulated SIGUSR1, whose handler raises
+A death seen between collectives interrupts the main thread (a simulated SIGURG, whose handler raises
 PeerGone), so the survivor stops and torchrun can re-form the group without waiting for the next
-collective. Inside a collective, gloo fails on its own; `unify_dist.distributed.stage` then asks the
-watch who is gone. Nothing crosses these sockets but four bytes of rank and one byte of last word:
-no data, nothing to unpickle.
+collective. SIGURG because nobody else sends it to us (its default is to be ignored): SIGUSR1 would take
+Slurm's pre-emption warning away from the user. Inside a collective, gloo fails on its own;
+`unify_dist.distributed.stage` then asks the watch who is gone. Nothing crosses these sockets but four
+bytes of rank and one byte of last word: no data, nothing to unpickle. Like the rendezvous port, the
+listener is open to anyone during start-up: with trust on, someone who reaches it then can stop the run
+(denial of service, which trust does not claim to prevent), not read or change anything.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ __all__ = ["PeerGone", "Watch", "DONE", "FAILED"]
 
 DONE, FAILED = b"D", b"F"
 """An owner's last word on its watch connections: it finished, or it stops with its own error."""
-_SIGNAL = signal.SIGUSR1
+_SIGNAL = signal.SIGURG
 _KEY = "unify_dist/watch/{rank}"
 
 
@@ -140,7 +143,9 @@ class Watch:
                         _thread.interrupt_main(_SIGNAL)  # the handler runs in the main thread, between bytecodes
 
     def arm(self) -> None:
-        """From now on a death stops the main thread at once (call from the main thread)."""
+        """From now on a death stops the main thread at once (elsewhere, at the next collective's failure)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set a signal handler; the stages still name the dead peer
         signal.signal(_SIGNAL, self._on_signal)
         self._armed = True
         if self.gone():

@@ -115,9 +115,24 @@ def _main(argv: list[str], hooks: Sequence[Any]) -> int:
 def _failed(e: BaseException) -> int:
     if os.environ.get("UNIFY_DIST_DEBUG"):
         traceback.print_exc()
+    e = _peer_gone_behind(e)
     rank = os.environ.get("RANK")
     where = f" (rank {rank})" if rank is not None else ""
     return _last_words(1, f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _peer_gone_behind(e: BaseException) -> BaseException:
+    """The PeerGone that `e` was raised while handling, if any, else `e`.
+
+    A death interrupts the main thread anywhere: inside torch.save, say, whose clean-up then fails with an
+    error of its own ('unexpected pos 64 vs 0'). The death is what happened; that error is its echo.
+    """
+    seen, link = 0, e
+    while link is not None and seen < 20:
+        if isinstance(link, PeerGone):
+            return link
+        link, seen = link.__cause__ or link.__context__, seen + 1
+    return e
 
 
 def _last_words(code: int, line: str) -> int:
