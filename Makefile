@@ -24,8 +24,10 @@ data:
 	  if [ -d "$$src" ]; then for f in "$$src"/*.gz; do [ -e "$$dst/$$(basename $$f)" ] || ln -s "$$(realpath $$f)" "$$dst/"; done; fi; \
 	done
 
+# output.resume=false: the demo trains afresh each time (resumed, a finished run would only show its record)
 demo: $(STAMP) data
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config configs/demo_cpu.toml
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config configs/demo_cpu.toml \
+	  --set output.resume=false
 
 test: $(STAMP) data
 	$(PY) -m pytest -q --durations=20

@@ -1,3 +1,3 @@
-from unify_dist.app.cli import main
+from unify_dist.app.cli import program
 
-raise SystemExit(main())
+raise SystemExit(program())

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,9 +22,13 @@ import torch.distributed as dist
 
 from unify_dist.config import DistConfig
 from unify_dist.errors import UserError
+from unify_dist.watch import FAILED, DONE, PeerGone, Watch
 from unify_dist.wire import gather_floats, gather_json
 
-__all__ = ["Context", "init_context", "shutdown", "end_process", "agree", "stage", "CollectiveTimeout", "all_gather_floats"]
+__all__ = [
+    "Context", "init_context", "shutdown", "leave", "end_process", "agree", "stage", "CollectiveTimeout", "PeerGone",
+    "PeerStopped", "all_gather_floats",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class Context:
     device: torch.device
     backend: str
     timeout_s: float
+    watch: Watch | None = None
+    """This rank's connections to every peer (torchrun groups of two or more): who is gone, at once."""
 
     @property
     def is_main(self) -> bool:
@@ -50,6 +57,10 @@ class Context:
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within dist.timeout_s: some owner stopped answering."""
+
+
+class PeerStopped(RuntimeError):
+    """Another owner stopped with its own error (which its own line names); this one cannot go on without it."""
 
 
 def _pick_backend(requested: str) -> str:
@@ -88,14 +99,18 @@ def init_context(cfg: DistConfig) -> Context:
     # (SIGABRT, 'terminate called without an active exception') after it had said why it stopped.
     # Every entry point that builds its group here (the program, the DDP baseline) is safe.
     importlib.import_module("torch._dynamo")  # (a plain import here would make `torch` a local name)
+    watch = None
     if not dist.is_initialized():
         if "WORLD_SIZE" in env:
             kw = {"device_id": device} if backend == "nccl" else {}
             store = _attempt_store(timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
+            if world > 1:
+                watch = Watch(rank, world, store, env["MASTER_ADDR"], int(env["MASTER_PORT"]), cfg.timeout_s)
+                watch.arm()  # from here on, a peer's death stops this owner at once
         else:  # one owner, no launcher: an in-process store keeps every collective call valid
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return Context(rank, world, local_rank, local_world, device, backend, cfg.timeout_s)
+    return Context(rank, world, local_rank, local_world, device, backend, cfg.timeout_s, watch)
 
 
 def _attempt_store(timeout: timedelta) -> dist.Store:
@@ -129,6 +144,16 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
+def leave(ctx: Context, finished: bool) -> None:
+    """Tell every peer this owner leaves (finished, or failed with its own error), then leave the group.
+
+    Said first, so that no peer takes this orderly exit for a death; never raises.
+    """
+    if ctx.watch is not None:
+        ctx.watch.close(DONE if finished else FAILED)
+    shutdown()
+
+
 def end_process(code: int) -> NoReturn:
     """Exit with `code` right now: streams flushed, interpreter teardown and C++ static destructors skipped.
 
@@ -145,17 +170,52 @@ def end_process(code: int) -> NoReturn:
 
 @contextlib.contextmanager
 def stage(name: str, ctx: Context) -> Iterator[None]:
-    """Name the collective step, so a timeout says where every rank was waiting, not just 'timed out'."""
+    """Name the collective step, so a failure says where every rank was and what happened.
+
+    A peer whose connection closed is named as gone (not as a timeout); one that stopped with its own
+    error is named as such; only a peer alive but silent for dist.timeout_s is a CollectiveTimeout.
+    """
+    began = time.monotonic()
+    if ctx.watch is not None:
+        ctx.watch.doing = name
+        ctx.watch.inside += 1
     try:
         yield
     except RuntimeError as e:
         text = str(e).lower()
-        if "timeout" in text or "timed out" in text or "connection closed" in text or "connection reset" in text:
-            raise CollectiveTimeout(
-                f"rank {ctx.rank}: collective '{name}' failed after waiting up to dist.timeout_s = "
-                f"{ctx.timeout_s:g}s: another owner stopped answering or died ({str(e).splitlines()[0][:160]})"
+        closed = any(w in text for w in ("connection closed", "connection reset", "broken pipe", "connection refused"))
+        timed_out = "timeout" in text or "timed out" in text
+        if not (closed or timed_out):
+            raise
+        cause = str(e).splitlines()[0][:160]
+        if ctx.watch is not None:
+            if closed:  # gloo can see the closed connection a moment before the watch thread does
+                ctx.watch.wait_for_news(2.0)
+            dead = ctx.watch.gone()
+            if dead:
+                t = (dead[0].closed_at or began) - began
+                where = f"{t:.1f} s into collective '{name}'" if t >= 0 else f"{-t:.1f} s before collective '{name}' began"
+                raise PeerGone(ctx.watch.describe(where)) from e
+            stopped = ctx.watch.failed() if closed else []  # a timeout of our own stays a timeout
+            if stopped:
+                raise PeerStopped(
+                    f"rank {ctx.rank}: {ctx.watch.name(stopped[0].rank)} stopped with its own error (its line says "
+                    f"why), so collective '{name}' failed after {time.monotonic() - began:.1f} s"
+                ) from e
+        if closed:
+            raise PeerGone(
+                f"rank {ctx.rank}: a peer's connection closed during collective '{name}', which failed after "
+                f"{time.monotonic() - began:.1f} s: another owner's process ended or its machine went away ({cause})"
             ) from e
-        raise
+        raise CollectiveTimeout(
+            f"rank {ctx.rank}: collective '{name}' failed after waiting up to dist.timeout_s = "
+            f"{ctx.timeout_s:g}s: another owner stopped answering ({cause})"
+        ) from e
+    finally:
+        if ctx.watch is not None:
+            ctx.watch.inside -= 1
+    if ctx.watch is not None and ctx.watch.gone():  # died as the collective completed: stop now, not at the next one
+        raise PeerGone(ctx.watch.describe(f"as collective '{name}' completed"))
 
 
 def all_gather_floats(values: list[float], ctx: Context) -> list[list[float]]:

@@ -15,22 +15,26 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from unify_dist.app.parser import build_parser
 from unify_dist.errors import UserError
+from unify_dist.watch import PeerGone
 
-__all__ = ["main", "say"]
+__all__ = ["main", "program", "say"]
 
 
 def _train(args: argparse.Namespace, hooks: Sequence[Any] = ()) -> int:
     from unify_dist.app.config import load_config
-    from unify_dist.distributed import init_context, shutdown
+    from unify_dist.distributed import init_context, leave
     from unify_dist.app.loop import run
 
     cfg = load_config(args.config, args.set)  # validated before any process group exists
     ctx = init_context(cfg.dist)
+    finished = False
     try:
         run(cfg, ctx, hooks)
+        finished = True
     finally:
-        shutdown()
+        leave(ctx, finished)  # peers learn this is an orderly exit, not a death
     return 0
 
 
@@ -55,31 +59,7 @@ def _verify(args: argparse.Namespace) -> int:
     return verify_main(args.run_dir, args.roster)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unify-dist", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train and unify; launch with torchrun, one process per owner")
-    train.add_argument("--config", help="TOML config file, e.g. configs/demo_cpu.toml (defaults if omitted)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    train.set_defaults(func=_train)
-    report = sub.add_parser("report", help="tables and plots from the metrics.jsonl of one or more runs")
-    report.add_argument("run_dirs", nargs="+", help="run directories (or metrics.jsonl files)")
-    report.add_argument("--out", default=None, help="where to write report.md and plots (default: the first run's parent)")
-    report.set_defaults(func=_report)
-    keygen = sub.add_parser("keygen", help="make this owner's Ed25519 identity key for [trust] (private file 0600, .pub beside)")
-    keygen.add_argument("--out", required=True, help="private key file to write, e.g. owner.key (never overwritten)")
-    keygen.add_argument("--name", default="OWNER", help="this owner's roster name, for the printed roster line")
-    keygen.set_defaults(func=_keygen)
-    verify = sub.add_parser("verify", help="check a run's signed round records and final.pt offline against the roster")
-    verify.add_argument("run_dir", help="the run directory (output.dir: metrics.jsonl and final.pt)")
-    verify.add_argument("--roster", required=True, help="the roster.toml the owners ran with ([owners] name = public key)")
-    verify.set_defaults(func=_verify)
-    launch = sub.add_parser(
-        "launch", help="torchrun with one line per failure: unify-dist launch [torchrun options] -- train ...",
-    )  # fmt: skip
-    launch.add_argument("torchrun_then_program", nargs=argparse.REMAINDER, help="torchrun options, '--', then train ...")
-    launch.set_defaults(func=None)
-    return parser
+_COMMANDS = {"report": _report, "keygen": _keygen, "verify": _verify}  # train takes the hooks too; launch is handled before argparse
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[Any] = ()) -> int:
@@ -87,14 +67,34 @@ def main(argv: list[str] | None = None, hooks: Sequence[Any] = ()) -> int:
 
     A failed `train` under torchrun ends its process here, once its line is out and the group is
     left (unify_dist.distributed.end_process): the exit code torchrun reads is the one chosen here.
+    A finished one returns (a caller may have more to save); `program` ends it.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     code = _main(argv, hooks)
-    if code != 0 and argv[:1] == ["train"] and "TORCHELASTIC_RUN_ID" in os.environ:
+    if code != 0 and _torchrun_worker(argv):
         from unify_dist.distributed import end_process
 
         end_process(code)
     return code
+
+
+def program() -> int:
+    """The command line (`unify-dist ...`, `python -m unify_dist ...`): `main`, then a worker's clean end.
+
+    A torchrun worker of `train` that finished has saved its files and left the group by now: it ends
+    here, streams flushed, without the interpreter's teardown, as a failed one does, so no late abort
+    in gloo's or torch's C++ teardown (SIGABRT) can turn the exit code 0 torchrun reads into a failure.
+    """
+    code = main()
+    if _torchrun_worker(sys.argv[1:]):
+        from unify_dist.distributed import end_process
+
+        end_process(code)
+    return code
+
+
+def _torchrun_worker(argv: list[str]) -> bool:
+    return argv[:1] == ["train"] and "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _main(argv: list[str], hooks: Sequence[Any]) -> int:
@@ -107,24 +107,50 @@ def _main(argv: list[str], hooks: Sequence[Any]) -> int:
                 say(line)
             return code
         args = build_parser().parse_args(argv)
-        return args.func(args, hooks) if args.func is _train else args.func(args)
+        return _train(args, hooks) if args.command == "train" else _COMMANDS[args.command](args)
     except UserError as e:
         return _last_words(2, f"unify-dist: error: {e}")
     except KeyboardInterrupt:
         return _last_words(130, "unify-dist: interrupted")
     except Exception as e:  # a failed run, not a user mistake: one line, exit 1
-        if os.environ.get("UNIFY_DIST_DEBUG"):
-            traceback.print_exc()
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank is not None else ""
-        return _last_words(1, f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return _failed(e)
+    except PeerGone as e:  # a peer died (it can interrupt the main thread anywhere, so it is no Exception)
+        return _failed(e)
+
+
+def _failed(e: BaseException) -> int:
+    if os.environ.get("UNIFY_DIST_DEBUG"):
+        traceback.print_exc()
+    e = _peer_gone_behind(e)
+    rank = os.environ.get("RANK")
+    where = f" (rank {rank})" if rank is not None else ""
+    return _last_words(1, f"unify-dist: run failed{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _peer_gone_behind(e: BaseException) -> BaseException:
+    """The PeerGone that `e` was raised while handling, if any, else `e`.
+
+    A death interrupts the main thread anywhere: inside torch.save, say, whose clean-up then fails with an
+    error of its own ('unexpected pos 64 vs 0'). The death is what happened; that error is its echo.
+    """
+    seen, link = 0, e
+    while link is not None and seen < 20:
+        if isinstance(link, PeerGone):
+            return link
+        link, seen = link.__cause__ or link.__context__, seen + 1
+    return e
 
 
 def _last_words(code: int, line: str) -> int:
-    """Say the line, or, in a worker of `unify-dist launch`, leave it to the launcher (which says it once)."""
+    """Say the line, or, in a worker of `unify-dist launch`, leave it to the launcher (which says it once).
+
+    A failed run that torchrun may restart (--max-restarts, elastic owners) is said here too: the launcher
+    speaks only when the last attempt fails, and 'owner cai is gone' must not vanish in a restart.
+    """
     from unify_dist.app.launch import record_last_words
 
-    if not record_last_words(code, line.replace("\n", " ")):
+    recorded = record_last_words(code, line.replace("\n", " "))
+    if not recorded or (code == 1 and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
         say(line)
     return code
 

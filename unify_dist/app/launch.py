@@ -26,6 +26,18 @@ __all__ = ["ERROR_DIR_ENV", "main", "split_argv", "record_last_words"]
 ERROR_DIR_ENV = "UNIFY_DIST_ERROR_DIR"
 """Set by the launcher for its workers: where each worker leaves its exit code and its one error line."""
 
+RDZV_DEFAULTS = {"last_call_timeout": "1", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
+"""torchrun's rendezvous settings that make a dead owner's absence known in seconds (the user's --rdzv-conf wins).
+
+When an owner dies, the survivors' agents leave the old rendezvous round, but a new round opens only once
+the dead node is dropped for missing keep_alive_max_attempt heartbeats keep_alive_interval seconds apart
+(torchrun: 3 x 5 s); then, with min_nodes present, the round waits last_call_timeout for latecomers
+(torchrun: 30 s). Here: 3 x 1 s and 1 s (each agent polls the rendezvous once a second besides). A latecomer
+that misses the last call is not lost: it waits, and the running agents restart the group to let it in.
+Not 2 x 1 s: a waiting agent heartbeats only between those polls, so on a loaded machine it was dropped from
+the wait list again and again and never let in.
+"""
+
 USAGE = "write: unify-dist launch --nproc_per_node=2 -- train --config configs/demo_cpu.toml [--set KEY=VALUE]"
 
 
@@ -67,13 +79,21 @@ def _torchrun_args(options: list[str], program: list[str]) -> argparse.Namespace
         raise UserError(f"torchrun does not know the option(s) {' '.join(unknown)}; see torchrun --help")
     if args.training_script != "unify_dist" or not args.module:
         raise UserError(f"give only torchrun options before '--' (found '{args.training_script}'); {USAGE}")
+    given = dict(kv.split("=", 1) for kv in args.rdzv_conf.split(",") if "=" in kv)
+    args.rdzv_conf = ",".join(f"{k}={v}" for k, v in {**RDZV_DEFAULTS, **given}.items())
     return args
+
+
+def _elastic(nnodes: str) -> bool:
+    """--nnodes=MIN:MAX with MIN < MAX: owners may leave and join."""
+    low, _, high = nnodes.partition(":")
+    return bool(high) and low != high
 
 
 def _check_program(program: list[str]) -> None:
     """The program's arguments and config, validated here, before any worker starts."""
-    from unify_dist.app.cli import build_parser
     from unify_dist.app.config import load_config
+    from unify_dist.app.parser import build_parser
 
     parser = build_parser()
     parser.exit_on_error = False
@@ -137,6 +157,8 @@ def launch(options: list[str], program: list[str]) -> tuple[int, str | None]:
     from torch.distributed.run import run
 
     _quiet_torchrun()
+    if _elastic(args.nnodes):  # a fresh store every rendezvous round, or a re-formed group cannot meet (docs/failures.md)
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with tempfile.TemporaryDirectory(prefix="unify_dist_launch_") as folder:
         os.environ[ERROR_DIR_ENV] = folder  # the workers inherit it
         try:

@@ -25,6 +25,7 @@ from torch import nn
 from unify_dist.app import budget
 from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
+from unify_dist.app.finished import is_finished, say_finished
 from unify_dist.app.owners import Membership, agree_on_owners
 from unify_dist.app.consistency import check_consistency, fingerprint, shared_config
 from unify_dist.app.console import Reporter
@@ -69,6 +70,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     # From here on every collective takes `reducer`: None, the group's own (trust off: in the clear);
     # else the sealed ring (trust on) and/or host staging. No metadata crosses as a pickle either way.
     members = agree_on_owners(cfg.train, ctx, out.info, named, reducer=reducer)  # collective: who is here, by name
+    if ctx.watch is not None:
+        ctx.watch.names = members.present  # a peer's death is then reported by the owner's name
     data = load_data(cfg, ctx, members, reducer)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
     with stage("consistency check", ctx):
@@ -85,10 +88,14 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     start = _resume(cfg, ctx, ckpt, state, members, out)
     _check_budget(cfg, ctx, state.unifier, start, members)  # collective
     metrics.keep_until(start)
-    out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
+    finished = is_finished(cfg, state.records, start)  # the same records on every rank: the same verdict
+    if finished:
+        say_finished(cfg, state.records, start, out)  # and train nothing; final.pt is written again below
+    else:
+        out.info(f"owner data: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test images (rank 0)")
     replay = budget.read_replay(cfg.train.replay_steps) if cfg.train.replay_steps else None
 
-    for round_ in range(start + 1, cfg.train.max_rounds + 1):
+    for round_ in range(start + 1, (start if finished else cfg.train.max_rounds) + 1):
         # 1. Train locally, on this owner's data only, for the round's budget (budget.py).
         clock = budget.Clock(model)
         if cfg.unify.overlap:
