@@ -178,7 +178,7 @@ class Unifier:
         With a reducer, a failure leaves this owner's state as it was before the call (see the class).
         """
         if self.core.reducer is None:  # the group's own collectives: no copy, as it always ran
-            return self._unify(weight, rule, commit, verify)
+            return self._unify(weight, rule, commit, verify, steps)
         # a copy of what the call may change in place (the sealed ring writes as it goes), into buffers
         # kept across calls: a fresh state-sized allocation per unify costs page faults, not just a copy
         if self._kept is None:
@@ -186,12 +186,12 @@ class Unifier:
         else:
             self._kept.take()
         try:
-            return self._unify(weight, rule, commit, verify)
+            return self._unify(weight, rule, commit, verify, steps)
         except Exception as e:
             self._kept.restore()
             raise _kept_note(e) from e
 
-    def _unify(self, weight: float, rule: str | None, commit: bool, verify: bool) -> UnifyOutcome:
+    def _unify(self, weight: float, rule: str | None, commit: bool, verify: bool, steps: int) -> UnifyOutcome:
         name = rule or self.rule
         if name not in RULES:
             raise ValueError(_unknown_rule(name))
