@@ -181,7 +181,8 @@ def _budget(cfg: RunConfig, unifier: Unifier) -> list[float]:
     its epsilon after that round, its budget] (1, nan, nan without a budget): gathered, so that the run
     stops when any owner's budget would be passed, on every owner at once, whatever each one's settings."""
     u = cfg.unify
-    noise = next((s for s in getattr(unifier, "owner_steps", ()) if isinstance(s, GaussianNoise)), None)  # overlap: none (DP noise is refused with it)
+    steps = getattr(unifier, "owner_steps", ())  # an overlapped unifier has none: DP noise is refused with overlap
+    noise = next((s for s in steps if isinstance(s, GaussianNoise)), None)
     if u.dp_max_epsilon <= 0 or noise is None:
         return [1.0, math.nan, math.nan]
     after = dp_epsilon(u.dp_noise_multiplier, noise.releases + _releases_per_round(cfg), u.dp_delta)
