@@ -30,10 +30,12 @@ from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
-from unify_dist.models import build_model
+from unify_dist.models import build_model, check_output_size
 from unify_dist.privacy import dp_statement, privacy_statement
 from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
+from unify_dist.lora import prepare_lora
+from unify_dist.roles import check_same_roles, role_table
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.unifier import Unifier, same_start
 from unify_dist.collectives import tail_size, verify_identical
@@ -61,11 +63,18 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     members = agree_on_owners(cfg.train, ctx, out.info, named)  # collective: who is here, by name
     data = load_data(cfg, ctx, members)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
+    sample, _ = next(iter(data.train.batches(None, 2)))
+    check_output_size(model, sample.to(ctx.device), data.num_classes, cfg.model)  # UserError: not one logit per class
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size)  # collective
     with stage("broadcast initial weights", ctx):
         same_start(model)  # collective: rank 0's initial weights everywhere, proven identical
-    flat = FlatState(model, tail=tail_size(ctx.world_size, model))
+    prepare_lora(model, cfg.unify.rule)  # UserError: a LoRA rule without adapters; lora_ffa freezes every lora_A
+    roles = role_table(model, cfg.unify.frozen, cfg.unify.local, source="unify.")  # UserError: a pattern matches nothing
+    flat = FlatState(model, tail=tail_size(ctx.world_size, model), roles=roles)  # only unified tensors travel
+    with stage("tensor roles", ctx):
+        check_same_roles(roles)  # collective: the same tensors unified, frozen and local on every owner
+    out.info(roles.describe())
     state = TrainState(cfg, model, Unifier.over(flat, cfg.unify))
     state.unifier.core.reducer = reducer  # None: the group's collectives; else the sealed ring and/or host staging
     if state.scaffold is not None:
@@ -96,6 +105,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
         record = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer)
         _name_owners(record, members, state.records)
+        if roles.names("local"):
+            record["local_tensors"] = roles.names("local")  # kept per owner: not unified, not in the digest
         state.records.append(record)
         out.round_row(record)
         metrics.append(record)
@@ -107,7 +118,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             break
 
     if ctx.is_main:
-        final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records}
+        final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records, "roles": roles.summary()}
         save_atomic(final, run_dir / "final.pt")
         out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
     return state.records
@@ -300,11 +311,16 @@ class _trial:
         self.flat = unifier.flat
 
     def __enter__(self) -> None:
+        self.flat.pull_ints()
         self.values, self.ints = self.flat.values.clone(), self.flat.ints.clone()
+        self.narrow = [b.clone() for b in self.flat.narrow.values()]
 
     def __exit__(self, *exc: object) -> None:
         self.flat.values.copy_(self.values)
         self.flat.ints.copy_(self.ints)
+        self.flat.push_ints()
+        for buffer, kept in zip(self.flat.narrow.values(), self.narrow):
+            buffer.copy_(kept)
 
 
 def _name_owners(record: dict[str, Any], members: Membership, records: list[dict[str, Any]]) -> None:
@@ -457,7 +473,8 @@ def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing
     payload = io.BytesIO()
     torch.save({"unifier": state.unifier.state_dict(), "records": state.records}, payload)
     mine = torch.frombuffer(bytearray(payload.getvalue()), dtype=torch.uint8)
-    parts = [flat.buffer, flat.ints]
+    flat.pull_ints()
+    parts = [flat.buffer, *flat.narrow.values(), flat.ints]  # unified tensors: frozen ones are equal, local ones stay
     if reducer is None:
         for t in parts:
             dist.broadcast(t, src=source)  # collective; equal bits on the owners that had the round
@@ -474,6 +491,7 @@ def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing
             if not is_source:
                 raw.zero_()
             reducer.all_reduce(raw)  # integer sum of one owner's bytes and zeros: exactly the source's bytes
+    flat.push_ints()
     if needed:
         shared_state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
         state.unifier.load_state_dict(shared_state["unifier"])
