@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.lora_bench import lora_section
 from unify_dist.config import COMPRESS_MODES as _MODES, ModelConfig, UnifyConfig
 from unify_dist.data import TORCHVISION_SETS, Split
 from unify_dist.app.cli import say
@@ -64,7 +65,7 @@ TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "stream_rss_100n_vs_n": ("<=", 1.05),
     "sealed_vs_plain_loopback": ("<=", 2.00),
 }
-SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust")
+SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust", "lora")
 FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
 QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N for the streamed epoch's memory at N, 10N, 100N generated items (default 1000; quick 64)")
     p.add_argument("--skip-stream", action="store_true", help="leave out the streamed epoch section")
     p.add_argument("--skip-trust", action="store_true", help="leave out the sealed (trust on) vs plain unify section")
+    p.add_argument("--skip-lora", action="store_true", help="leave out the LoRA rules' error and bytes section")
     return p
 
 
@@ -690,6 +692,21 @@ def _print(result: dict[str, Any]) -> None:
                    "held_in_memory_bytes": _fmt_bytes, "epoch_s": _fmt_s})  # fmt: skip
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if Console().is_terminal else 200)
+
+
+def _print_lora(console: Any, result: dict[str, Any]) -> None:
+    _print_simple(console, "LoRA rules: relative error of the unified dW against mean(B_i @ A_i), and bytes per owner "
+                  "per unify (vs_unified: over the unified tensors' bytes; vs_adapter: over all A and B)",
+                  result["lora"].get("rows", []),
+                  {"rule": str, "owners": str, "rel_error": "{:.2e}".format, "sent_bytes": _fmt_bytes,
+                   "unified_bytes": _fmt_bytes, "adapter_bytes": _fmt_bytes, "vs_unified": "{:.3f}".format,
+                   "vs_adapter": "{:.3f}".format, "unify_s": _fmt_s})  # fmt: skip
+
+
 def _print_simple(console: Any, title: str, rows: list[dict[str, Any]], cols: dict[str, Callable[[Any], str]]) -> None:
     from rich.table import Table
 
@@ -735,8 +752,10 @@ def main(argv: list[str] | None = None) -> int:
         "epoch": {} if args.skip_epoch else _epoch_section(args),
         "stream": {} if args.skip_stream else _stream_section(args),
         "trust": {} if args.skip_trust else _trust_section(args),
+        "lora": {} if args.skip_lora else {"rows": lora_section(args.owners, args.quick)},  # benchmarks/lora_bench.py
     }
     _print(result)
+    _print_lora(_console(), result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
