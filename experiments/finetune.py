@@ -78,9 +78,9 @@ def _accuracy(forward, x: torch.Tensor, y: torch.Tensor) -> float:
     return sum(int((forward(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum()) for i in range(0, len(x), 500)) / len(y)
 
 
-def _owner_data(rank: int, per_owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _owner_data(rank: int, per_owner: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = _fashion(True, range(5, 10))
-    g = torch.Generator().manual_seed(rank)
+    g = torch.Generator().manual_seed(1000 * seed + rank)
     mine = torch.isin(y, torch.tensor([rank % 5, (rank + 1) % 5]))
     skewed = torch.nonzero(mine).flatten()[torch.randperm(int(mine.sum()), generator=g)[: int(0.8 * per_owner)]]
     rest = torch.nonzero(~mine).flatten()[torch.randperm(int((~mine).sum()), generator=g)[: per_owner - len(skewed)]]
@@ -120,20 +120,20 @@ def _owner(rank: int, world: int, port: int, out: str, method: str, pretrained: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=900))
-    torch.manual_seed(rank)
+    torch.manual_seed(1000 * cfg["seed"] + rank)
     model = _model(method, Path(pretrained))
     ud.same_start(model)
     rule = method if method.startswith("lora_") else "avg"
     unifier = ud.Unifier(model, rule=rule)
     lr = 3e-4 if method == "full_avg" else 3e-3
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, y = _owner_data(rank, cfg["per_owner"])
+    x, y = _owner_data(rank, cfg["per_owner"], cfg["seed"])
     tx, ty = _fashion(False, range(5, 10))
     tx, ty = tx[: cfg["test"]], ty[: cfg["test"]]
     rows = []
     for round_ in range(1, cfg["rounds"] + 1):
         model.train()
-        g = torch.Generator().manual_seed(1000 * round_ + rank)
+        g = torch.Generator().manual_seed(10**6 * cfg["seed"] + 1000 * round_ + rank)
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 32):
             b = order[i : i + 32]
@@ -202,21 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-images", type=int, default=8000)
     p.add_argument("--pretrain-epochs", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seed", type=int, default=0, help="owners' data draw, order and head init (pretraining: seed 0)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    acc = pretrain(args.out / "pretrained", args.pretrain_images, args.pretrain_epochs)
+    if (args.out / "pretrained" / "config.json").exists():  # the same seed-0 pretraining: reuse it
+        acc = json.loads((args.out / "pretrain_acc.json").read_text())["acc"]
+    else:
+        acc = pretrain(args.out / "pretrained", args.pretrain_images, args.pretrain_epochs)
+        (args.out / "pretrain_acc.json").write_text(json.dumps({"acc": acc}))
     print(f"pretrained on classes 0-4: test accuracy {acc:.2%}", flush=True)
-    cfg = {"rounds": args.rounds, "per_owner": args.per_owner, "test": args.test}
+    cfg = {"rounds": args.rounds, "per_owner": args.per_owner, "test": args.test, "seed": args.seed}
     results = {}
     for method in args.methods.split(","):
         results[method] = run_method(method, args.out / "pretrained", args.owners, cfg)
         print(method, [f"{x['test_acc']:.3f}" for x in results[method]["rows"]], f"{results[method]['wall_s']:.0f} s", flush=True)
-    (args.out / "finetune.json").write_text(json.dumps({"pretrain_acc": acc, "settings": vars(args) | {"out": str(args.out)},
+    name = "finetune" if args.seed == 0 else f"finetune_seed{args.seed}"
+    (args.out / f"{name}.json").write_text(json.dumps({"pretrain_acc": acc, "settings": vars(args) | {"out": str(args.out)},
                                                         "results": results}, indent=1))  # fmt: skip
     table = _table(results)
-    (args.out / "finetune.md").write_text(table + "\n")
-    _plot(results, args.out / "finetune.png")
+    (args.out / f"{name}.md").write_text(table + "\n")
+    _plot(results, args.out / f"{name}.png")
     print(table)
     return 0
 
