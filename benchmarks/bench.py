@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.lora_bench import lora_section
 from unify_dist.config import COMPRESS_MODES as _MODES, ModelConfig, UnifyConfig
 from unify_dist.data import TORCHVISION_SETS, Split
 from unify_dist.app.cli import say
@@ -67,7 +68,7 @@ TARGETS = {  # (op, bound): measured / baseline must satisfy it
     "sealed_vs_plain_loopback": ("<=", 2.00),
 }
 SECTIONS = ("unify", "absmax_memory", "diagnosis", "compression", "scaling", "collective_cost", "epoch", "stream", "trust",
-            "records")
+            "records", "lora")
 FULL = dict(repeats=11, warmup=2, sizes="1e5,1e6,1e7", epoch_images=5000, epoch_repeats=3, stream_items=1000)
 QUICK = dict(repeats=3, warmup=1, sizes="1e4,1e5", epoch_images=512, epoch_repeats=1, stream_items=64)
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-stream", action="store_true", help="leave out the streamed epoch section")
     p.add_argument("--skip-trust", action="store_true", help="leave out the sealed (trust on) vs plain unify section")
     p.add_argument("--skip-records", action="store_true", help="leave out the signed records section (verify, signing)")
+    p.add_argument("--skip-lora", action="store_true", help="leave out the LoRA rules' error and bytes section")
     return p
 
 
@@ -725,6 +727,21 @@ def _print_records(console: Any, records: dict[str, Any]) -> None:
                   "stored_bytes": _fmt_bytes, "pass": mark.get})  # fmt: skip
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if Console().is_terminal else 200)
+
+
+def _print_lora(console: Any, result: dict[str, Any]) -> None:
+    _print_simple(console, "LoRA rules: relative error of the unified dW against mean(B_i @ A_i), and bytes per owner "
+                  "per unify (vs_unified: over the unified tensors' bytes; vs_adapter: over all A and B)",
+                  result["lora"].get("rows", []),
+                  {"rule": str, "owners": str, "rel_error": "{:.2e}".format, "sent_bytes": _fmt_bytes,
+                   "unified_bytes": _fmt_bytes, "adapter_bytes": _fmt_bytes, "vs_unified": "{:.3f}".format,
+                   "vs_adapter": "{:.3f}".format, "unify_s": _fmt_s})  # fmt: skip
+
+
 def _print_simple(console: Any, title: str, rows: list[dict[str, Any]], cols: dict[str, Callable[[Any], str]]) -> None:
     from rich.table import Table
 
@@ -771,8 +788,11 @@ def main(argv: list[str] | None = None) -> int:
         "stream": {} if args.skip_stream else _stream_section(args),
         "trust": {} if args.skip_trust else _trust_section(args),
         "records": {} if args.skip_records else _records_section(args),
+        "lora": {} if args.skip_lora else {"rows": lora_section(args.owners, args.quick)},  # benchmarks/lora_bench.py
     }
     _print(result)
+    _print_records(_console(), result["records"])
+    _print_lora(_console(), result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -35,7 +35,7 @@ def _unify_on_cuda(rank: int, world: int) -> dict:
     model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.Linear(256, 10)).cuda()
     ud.same_start(model)
     out = {}
-    for rule in RULES:
+    for rule in [r for r in RULES if not r.startswith("lora_")]:  # the LoRA rules need adapters
         unifier = ud.Unifier(model, rule=rule, chunk_elements=4096)
         with torch.no_grad():
             for p in model.parameters():
@@ -53,7 +53,7 @@ def check_rules() -> dict:
 
     results = run_world(_unify_on_cuda, 2)
     report = {}
-    for rule in RULES:
+    for rule in [r for r in RULES if not r.startswith("lora_")]:
         exact = rule in ("max", "absmax")
         worst, same_bits = 0.0, True
         for i in range(len(results[0][rule]["local"])):

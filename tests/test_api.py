@@ -100,7 +100,8 @@ def _against_average_parameters(rank: int, world: int) -> dict:
     unifier = ud.Unifier(ours, rule="avg")
     with torch.no_grad():
         for a, b in zip(ours.parameters(), theirs.parameters()):
-            a.add_(0.1 * (rank + 1) * torch.randn_like(a))
+            if a.requires_grad:  # a frozen layer is never unified (unify_dist.roles): owners keep it equal
+                a.add_(0.1 * (rank + 1) * torch.randn_like(a))
             b.copy_(a)
     unifier.unify()
     average_parameters(iter(theirs.parameters()), dist.group.WORLD)

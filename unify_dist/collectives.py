@@ -41,6 +41,7 @@ from unify_dist.wrappers import (
 __all__ = [
     "Collective", "NonFiniteError", "DivergenceError", "tail_size", "verify_identical", "in_chunks", "key_chunk",
     "scale_chunk",
+    "INT_RULES", "combine_ints",
 ]  # fmt: skip
 
 
@@ -69,7 +70,30 @@ def tail_size(world_size: int, model: nn.Module | None = None) -> int:
     """Tail elements FlatState must reserve: one flag per owner, the summed weight, and (given the model)
     room for every owner's integer buffers, so the fast paths unify everything in one collective."""
     ints = 0 if model is None else sum(b.numel() for b in model.buffers() if not b.is_floating_point())
-    return world_size + 1 + 2 * ints * world_size
+    return world_size + 1 + INT_PIECES * ints * world_size
+
+
+INT_PIECES = 3
+"""Integers ride in the float tail as three pieces, each exact in float32: bits 48-63 (signed), 24-47, 0-23."""
+
+INT_RULES = ("max", "min")
+"""How unified integer buffers combine over owners (UnifyConfig.int_rule): max (the furthest counter) or min."""
+
+
+def int_pieces(ints: Tensor) -> Tensor:
+    """[3, k] float32-exact pieces of int64 values, any magnitude or sign (int_from_pieces undoes it)."""
+    return torch.stack([ints >> 48, (ints >> 24) & 0xFFFFFF, ints & 0xFFFFFF])
+
+
+def int_from_pieces(pieces: Tensor) -> Tensor:
+    """int64 values from int_pieces' [..., 3, k] pieces (any float dtype holding them exactly)."""
+    p = pieces.to(torch.int64)
+    return p[..., 0, :] * (1 << 48) + p[..., 1, :] * (1 << 24) + p[..., 2, :]
+
+
+def combine_ints(rows: Tensor, rule: str) -> Tensor:
+    """Every owner's integer values [owners, k] -> the unified values, by the integer rule (INT_RULES)."""
+    return rows.amin(0) if rule == "min" else rows.amax(0)
 
 
 class Collective:
@@ -78,8 +102,10 @@ class Collective:
     `absmax_impl = "gather"` sends absmax through the gather path; `chunk_elements` bounds that path's memory.
     """
 
-    def __init__(self, flat: FlatState, group: dist.ProcessGroup | None, absmax_impl: str, chunk_elements: int):
+    def __init__(self, flat: FlatState, group: dist.ProcessGroup | None, absmax_impl: str, chunk_elements: int,
+                 int_rule: str = "max"):  # fmt: skip
         self.flat, self.group, self.chunk_elements = flat, group, chunk_elements
+        self.int_rule = int_rule  # how integer buffers combine (INT_RULES)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         if flat.tail.numel() < tail_size(self.world):
@@ -96,7 +122,7 @@ class Collective:
         self.bytes_sent = 0
         self._packets: list[Tensor] = []  # the 16-bit paths' gather rows, made on first use
         # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
-        self._ints_in_tail = flat.ints.numel() > 0 and flat.tail.numel() >= tail_size(self.world) + 2 * flat.ints.numel() * self.world
+        self._ints_in_tail = flat.ints.numel() > 0 and flat.tail.numel() >= tail_size(self.world) + INT_PIECES * flat.ints.numel() * self.world
 
     def path(self, spec: RuleSpec) -> str:
         """The collective this rule runs here: its spec's, or gather where the fast path cannot serve."""
@@ -127,7 +153,8 @@ class Collective:
         else:
             flags = self._gather(combine, weight, sick)
         if self.flat.ints.numel() and not (self._ints_in_tail and path != "gather"):
-            self._all_reduce(self.flat.ints, dist.ReduceOp.MAX)  # counters: the furthest owner
+            op = dist.ReduceOp.MIN if self.int_rule == "min" else dist.ReduceOp.MAX
+            self._all_reduce(self.flat.ints, op)  # counters: the furthest owner (int_rule max)
         return flags
 
     def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp) -> None:
@@ -178,26 +205,25 @@ class Collective:
     def _reset_tail(self, tail: Tensor, sick: bool, neutral: float = 0.0) -> None:
         """Flags to zero (this owner's to 1 if sick); integer buffers into this owner's row of the tail.
 
-        Integers travel as two float halves (value >> 24, value & 0xFFFFFF), each exact in float32;
-        the other owners' rows hold the collective's neutral element (0 for SUM, -inf for MAX).
+        Integers travel as three float pieces (int_pieces), each exact in float32, so any int64 value
+        arrives whole; the other owners' rows hold the collective's neutral element (0 for SUM, -inf for MAX).
         """
         tail.zero_()
         if sick:
             tail[self.rank] = 1.0
         if self._ints_in_tail:
             k, first = self.flat.ints.numel(), self.world + 1
-            rows = tail[first : first + 2 * k * self.world].view(self.world, 2, k)
+            rows = tail[first : first + INT_PIECES * k * self.world].view(self.world, INT_PIECES, k)
             rows.fill_(neutral)
-            rows[self.rank, 0] = self.flat.ints >> 24
-            rows[self.rank, 1] = self.flat.ints & 0xFFFFFF
+            rows[self.rank] = int_pieces(self.flat.ints)
 
     def _unpack_ints(self, tail: Tensor) -> None:
-        """After the collective: each integer buffer takes the largest value over owners (the furthest counter)."""
+        """After the collective: each integer buffer by the integer rule over owners (max: the furthest counter)."""
         if not self._ints_in_tail:
             return
         k, first = self.flat.ints.numel(), self.world + 1
-        rows = tail[first : first + 2 * k * self.world].view(self.world, 2, k).to(torch.int64)
-        self.flat.ints.copy_((rows[:, 0] * (1 << 24) + rows[:, 1]).amax(0))
+        rows = tail[first : first + INT_PIECES * k * self.world].view(self.world, INT_PIECES, k)
+        self.flat.ints.copy_(combine_ints(int_from_pieces(rows), self.int_rule))
 
     def _sum(self, weight: float, sick: bool | None) -> list[float]:
         """Weighted mean over healthy owners: one all_reduce SUM of (weight / W * values, flags, weight).
@@ -358,7 +384,7 @@ class Collective:
         meta = [row[:8].view(torch.float32).tolist() for row in rows]
         flags, weights = [m[0] for m in meta], [m[1] for m in meta]
         total = self._healthy_weight(flags, weights)
-        ints.copy_(torch.stack([row[8 : 8 + 8 * k].view(torch.int64) for row in rows]).amax(0))
+        ints.copy_(combine_ints(torch.stack([row[8 : 8 + 8 * k].view(torch.int64) for row in rows]), self.int_rule))
         if total is None:
             return flags
         healthy = [r for r in range(self.world) if not flags[r]]
@@ -383,12 +409,12 @@ class Collective:
         values, ints = self.flat.values, self.flat.ints
         n, k, world = values.numel(), ints.numel(), self.world
         blocks, levels = -(-n // COMPRESS_BLOCK), int8_levels(world)
-        header = torch.zeros(blocks + 2 * world + 2 * k * world, dtype=values.dtype, device=values.device)
+        header = torch.zeros(blocks + 2 * world + INT_PIECES * k * world, dtype=values.dtype, device=values.device)
         scales, flags_t = header[:blocks], header[blocks : blocks + world]
-        weights_t, rows = header[blocks + world : blocks + 2 * world], header[blocks + 2 * world :].view(world, 2, k)
+        weights_t, rows = header[blocks + world : blocks + 2 * world], header[blocks + 2 * world :].view(world, INT_PIECES, k)
         weights_t.fill_(float("-inf"))  # MAX's neutral: each slot ends as its owner's weight
         rows.fill_(float("-inf"))
-        rows[self.rank, 0], rows[self.rank, 1] = ints >> 24, ints & 0xFFFFFF  # exact halves, as in the tail
+        rows[self.rank] = int_pieces(ints)  # exact pieces, as in the tail
         if sick:
             flags_t[self.rank] = 1.0  # scales stay 0: no say in the shared scale
         else:
@@ -400,7 +426,7 @@ class Collective:
         self._all_reduce(header, dist.ReduceOp.MAX)  # collective: shared scales, flags, weights, counters
         flags, weights = flags_t.tolist(), weights_t.tolist()  # host sync
         total = self._healthy_weight(flags, weights)
-        ints.copy_((rows[:, 0].to(torch.int64) * (1 << 24) + rows[:, 1].to(torch.int64)).amax(0))
+        ints.copy_(combine_ints(int_from_pieces(rows), self.int_rule))
         q = torch.zeros(n, dtype=torch.int8, device=values.device)
         if not sick:
             quantize_int8(values, scales, levels, q)

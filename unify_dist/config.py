@@ -281,8 +281,19 @@ class UnifyConfig:
     """Transport of updates: none, bf16 / fp16 (16-bit casts), int8 (blockwise scaled), each with error
     feedback (an owner's unsent remainder joins its next update). Forces update space; sums only (avg,
     weighted_avg): a MAX or an order statistic of rounded values has no remainder to carry."""
+    frozen: list[str] = field(default_factory=list)
+    """Tensors proven identical once at the start and never touched by a unify, besides those that do not
+    require grad (the default): fnmatch globs over full tensor names, e.g. ["vit.embeddings.*"]. Each
+    pattern must match a tensor (unify_dist.roles)."""
+    local: list[str] = field(default_factory=list)
+    """Tensors each owner keeps for itself, never sent nor compared: FedBN's ["*.running_*", "*.num_batches_tracked"]
+    or FedPer's ["classifier.*"]. Globs over full tensor names; each must match a tensor."""
+    int_rule: str = "max"
+    """How unified integer buffers combine over owners, exactly at any magnitude: max (the furthest counter,
+    e.g. BatchNorm's num_batches_tracked) or min."""
 
     def problems(self) -> list[str]:
+        from unify_dist.collectives import INT_RULES  # late: the collective layer imports this module
         from unify_dist.rules import RULES  # late: rules import nothing from config
 
         out = []
@@ -321,6 +332,15 @@ class UnifyConfig:
         if self.dp_max_epsilon > 0 and self.dp_noise_multiplier <= 0:
             out.append(f"unify.dp_max_epsilon = {self.dp_max_epsilon} is a budget for noise: "
                        "set unify.dp_noise_multiplier > 0")
+        lora_compared = [n for n in self.compare if n.startswith("lora_")]
+        if lora_compared:
+            out.append(f"unify.compare cannot list '{lora_compared[0]}': a LoRA rule sets up roles (lora_ffa) or "
+                       "changes the base weights (lora_exact) for the whole run; make it unify.rule")  # fmt: skip
+        if self.int_rule not in INT_RULES:
+            out.append(choice("unify.int_rule", self.int_rule, INT_RULES))
+        both = sorted(set(self.frozen) & set(self.local))
+        if both:
+            out.append(f"unify.frozen and unify.local both name '{both[0]}'; give each tensor one role")
         out += _compress_problems(self)
         return out
 

@@ -1,11 +1,14 @@
-"""A model's state as views into one contiguous buffer, so a unify is one collective and copies nothing.
+"""A model's unified state as views into flat buffers, so a unify is one collective and copies nothing.
 
-After `FlatState(model)`, every floating-point parameter and buffer of the model *is* a slice of
-`flat.values`: a collective on that buffer changes the model in place. Each keeps its memory layout (a
-channels_last weight stays channels_last; its slice holds the elements in memory order). Integer buffers
-(BatchNorm's num_batches_tracked) live in a second, small int64 buffer. Build it after moving the model to
-its device and before creating the optimizer; in-place updates (optimizer steps, load_state_dict) keep the
-views.
+After `FlatState(model)`, every *unified* floating-point parameter and buffer of the model (its role,
+unify_dist.roles) *is* a slice of `flat.values` (or, for float dtypes narrower than the main buffer's,
+bf16 / fp16, of `flat.narrow[dtype]`): a collective on that buffer changes the model in place. Each keeps
+its dtype and memory layout (a channels_last weight stays channels_last; its slice holds the elements in
+memory order). Unified int64 buffers (BatchNorm's num_batches_tracked) are views of a small int64 buffer,
+`flat.ints`; other integer buffers keep their own tensors and dtype, copied into it and back around a
+unify (`pull_ints` / `push_ints`). Frozen and local tensors are not touched: they keep their own storage.
+Build it after moving the model to its device and before creating the optimizer; in-place updates
+(optimizer steps, load_state_dict) keep the views.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from unify_dist.digest import state_digest
+from unify_dist.roles import FROZEN, LOCAL, RoleTable, role_table
 
 __all__ = ["FlatState", "Slot"]
 
@@ -28,27 +32,68 @@ class Slot:
 
 
 class FlatState:
-    """Float and integer state of `model`, re-pointed into two flat buffers.
+    """The unified state of `model`, re-pointed into flat buffers laid out by its role table.
 
-    `tail` extra float elements are allocated after the values: the unify layer uses them to ride
-    per-owner flags and weights along in the same collective instead of paying for a second one.
+    `roles`: the table (unify_dist.roles.role_table); None builds the default one (trainable parameters
+    and buffers unified, the rest frozen). `tail` extra float elements are allocated after the values:
+    the unify layer uses them to ride per-owner flags and weights along in the same collective instead
+    of paying for a second one.
     """
 
-    def __init__(self, model: nn.Module, tail: int = 0):
-        floats = [(n, t) for n, t in _named_state(model) if t.is_floating_point()]
-        ints = [(n, t) for n, t in _named_state(model) if not t.is_floating_point()]
-        dtypes = {t.dtype for _, t in floats}
-        if len(dtypes) > 1:
-            raise ValueError(f"FlatState needs one float dtype across the model, found {sorted(map(str, dtypes))}")
-        dtype = dtypes.pop() if dtypes else torch.float32
-        device = floats[0][1].device if floats else torch.device("cpu")
-        self.numel = sum(t.numel() for _, t in floats)
-        self.buffer = torch.empty(self.numel + tail, dtype=dtype, device=device)
-        self.slots = _rebind(model, floats, self.buffer)
+    def __init__(self, model: nn.Module, tail: int = 0, roles: RoleTable | None = None):
+        self.roles = roles if roles is not None else role_table(model)
+        tensors = self.roles.tensors
+        main = [(e.name, tensors[e.name]) for e in self.roles.in_slot("values")]
+        device = next((t.device for t in tensors.values()), torch.device("cpu"))
+        self.numel = sum(t.numel() for _, t in main)
+        self.buffer = torch.empty(self.numel + tail, dtype=self.roles.main_dtype, device=device)
+        self.slots = _rebind(model, main, self.buffer)
+        # bf16 / fp16 tensors: a buffer per dtype, so they keep their dtype (unify_dist.narrow unifies them)
+        self.narrow: dict[torch.dtype, Tensor] = {}
+        self.narrow_slots: dict[torch.dtype, list[Slot]] = {}
+        for dtype in self.roles.narrow_dtypes():
+            named = [(e.name, tensors[e.name]) for e in self.roles.in_slot(str(dtype).removeprefix("torch."))]
+            self.narrow[dtype] = torch.empty(sum(t.numel() for _, t in named), dtype=dtype, device=device)
+            self.narrow_slots[dtype] = _rebind(model, named, self.narrow[dtype])
+        ints = [(e.name, tensors[e.name]) for e in sorted(self.roles.in_slot("ints"), key=lambda e: e.start)]
         self.ints = torch.empty(sum(t.numel() for _, t in ints), dtype=torch.int64, device=device)
-        self.int_slots = _rebind(model, ints, self.ints)
-        # every name of every tensor, as the model's state dict has them (tied weights under each name)
-        self.named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        wide = [(n, t) for n, t in ints if t.dtype == torch.int64]  # laid out first (roles._lay_out)
+        self.int_slots = _rebind(model, wide, self.ints)
+        # other integer dtypes (int32, uint8, ...) keep their tensors: copied in and out of self.ints, exactly
+        self._int_copies: list[tuple[Tensor, Slot]] = []
+        offset = self.int_slots[-1].end if self.int_slots else 0
+        for name, t in ints[len(wide) :]:
+            slot = Slot(name, offset, offset + t.numel())
+            self.int_slots.append(slot)
+            self._int_copies.append((t, slot))
+            offset += t.numel()
+        self.pull_ints()
+        self.frozen = [(n, tensors[n]) for n in self.roles.names(FROZEN)]
+        # what the digest covers: every name of every unified and frozen tensor, as the model's state dict has
+        # them (tied weights under each name), taken after the rebinding above; local tensors are left out
+        local = set(self.roles.names(LOCAL))
+        everything = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        self.named = [(n, t) for n, t in everything if n not in local]
+
+    def pull_ints(self) -> None:
+        """Copy the integer buffers that are not views (int32, ...) into `ints`, before a collective reads it."""
+        for t, s in self._int_copies:
+            self.ints[s.start : s.end].copy_(t.detach().reshape(-1))
+
+    def push_ints(self) -> None:
+        """Copy `ints` back into the integer buffers that are not views, after a collective wrote it."""
+        for t, s in self._int_copies:
+            t.copy_(self.ints[s.start : s.end].view(t.shape))
+
+    def find_nonfinite_narrow(self) -> str | None:
+        """The name of a bf16 / fp16 tensor holding NaN/Inf, else None (host sync, only when there are some)."""
+        for dtype, buffer in self.narrow.items():
+            if not torch.isfinite(buffer.float().sum()):
+                bad = (~torch.isfinite(buffer)).nonzero()
+                if bad.numel():
+                    index = int(bad[0])
+                    return next(s.name for s in self.narrow_slots[dtype] if s.start <= index < s.end)
+        return None
 
     @property
     def values(self) -> Tensor:
@@ -68,12 +113,9 @@ class FlatState:
 
     def digest(self) -> str:
         """16 hex digits of BLAKE2b over every named tensor (unify_dist.digest): equal digests mean equal
-        bits, and the same digest is computed offline from a state dict with these tensors."""
+        bits, and the same digest is computed offline from a state dict with these tensors. Unified and
+        frozen tensors only: each owner keeps its own local ones (roles)."""
         return state_digest(self.named)  # host sync + copies on GPU; once per round
-
-
-def _named_state(model: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def _rebind(model: nn.Module, named: list[tuple[str, Tensor]], buffer: Tensor) -> list[Slot]:

@@ -20,7 +20,7 @@ from torch import nn
 from unify_dist.config import ModelConfig
 from unify_dist.errors import UserError
 
-__all__ = ["MODELS", "ModelBuilder", "register_model", "build_model", "load_factory", "PaperCNN"]
+__all__ = ["MODELS", "ModelBuilder", "register_model", "build_model", "load_factory", "check_output_size", "PaperCNN"]
 
 ModelBuilder = Callable[..., nn.Module]
 """fn(*, in_shape: tuple[int, ...], num_classes: int[, hidden: int]) -> nn.Module"""
@@ -131,6 +131,30 @@ def build_model(
     if cfg.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)  # faster convolutions (ModelConfig.channels_last)
     return model
+
+
+@torch.no_grad()
+def check_output_size(model: nn.Module, batch: torch.Tensor, num_classes: int, cfg: ModelConfig) -> None:
+    """A UserError, before any training, when the model's output is not one logit per class.
+
+    Runs one forward on `batch` (a few of this owner's items) in eval mode, so nothing the model keeps
+    (BatchNorm statistics, dropout's RNG draws) changes. Without it a 9-class output meets class 9 deep in
+    cross_entropy as 'IndexError: Target 9 is out of bounds'.
+    """
+    where = f"model.factory = '{cfg.factory}'" if cfg.factory else f"model.name = '{cfg.name}'"
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(batch)
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{where} builds a model whose forward returns {type(out).__name__}, not a tensor of logits; "
+                        "return the logits (for a transformers model, its output's .logits)")  # fmt: skip
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        size = out.shape[1] if out.dim() == 2 else tuple(out.shape[1:])
+        raise UserError(f"{where} builds a model with output size {size}, but the data has {num_classes} classes; "
+                        f"make its last layer output num_classes (the builder is called with num_classes={num_classes})")  # fmt: skip
 
 
 def load_factory(key: str, value: str, rank: int, owner: str = "") -> Callable[..., object]:

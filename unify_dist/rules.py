@@ -284,3 +284,6 @@ def server_step(delta: Tensor, momentum: Tensor | None, beta: float, lr: float) 
         return delta * lr, momentum
     m = momentum * beta + delta
     return m * lr, m
+
+# The LoRA rules (unify_dist.lora) register themselves; imported last, as they use register_rule and avg.
+from unify_dist import lora as _lora  # noqa: E402, F401

@@ -15,9 +15,14 @@ Example, on every owner's process (launched with torchrun, or any process group)
         outcome = unifier.unify(weight=len(my_dataset))
         print(outcome.digest, outcome.skipped, outcome.seconds)
 
-`Unifier(model)` re-points every float parameter and buffer of the model into one flat buffer (the same
-Parameter objects, so optimizers, hooks and AMP keep working), so a unify is one collective with no
-copies. Integer buffers (BatchNorm's num_batches_tracked) take the largest value over owners.
+`Unifier(model)` gives every tensor a role (unify_dist.roles: unified, frozen, local; by default trainable
+parameters and float buffers are unified and the rest frozen, `frozen=[...]` / `local=[...]` name patterns
+override it) and re-points the unified float tensors into flat buffers (the same Parameter objects, so
+optimizers, hooks and AMP keep working), so a unify is one collective with no copies, and moves only
+what trains. Frozen tensors are proven identical once, here, and never touched again; local ones stay
+each owner's. Unified integer buffers keep their dtype and exact value and take the largest value over
+owners (int_rule = "max", the furthest counter; or "min"). bf16 / fp16 tensors are unified with fp32
+arithmetic (unify_dist.narrow).
 
 Order of one unify (unify_dist.wrappers composes the concerns around the core):
   1. this owner checks its weights for NaN/Inf (nonfinite = fail: every rank stops; skip: left out);
@@ -49,6 +54,9 @@ from unify_dist.config import UnifyConfig, outer_settings
 from unify_dist.fednova import mean_steps
 from unify_dist.flat import FlatState
 from unify_dist.outer import OuterOptimizer
+from unify_dist.lora import LORA_RULES, check_exact_roles, lora_pairs, prepare_lora, unify_exact
+from unify_dist.narrow import unify_narrow
+from unify_dist.roles import RoleError, check_same_roles, role_table
 from unify_dist.rules import RULES, SPECS
 from unify_dist.wire import WireError, broadcast_tensor, gather_bytes, gather_json
 from unify_dist.wrappers import ClipUpdate, ErrorFeedback, GaussianNoise, UpdateSpace, int8_levels
@@ -81,15 +89,15 @@ class Unifier:
     """Unify one model's weights across the owners of a process group, with any registered rule.
 
     Args:
-        model: any nn.Module whose float state has one dtype on one device, identical on every rank
-            (call `same_start(model)` first). Built once; the model's tensors become views of its buffer.
+        model: any nn.Module on one device whose unified and frozen state is identical on every rank
+            (call `same_start(model)` first). Built once; its unified tensors become views of its buffers.
         rule: a registered rule name (`unify_dist.rules.RULES`; add your own with `register_rule`).
         group: the process group of the owners; None means the default (WORLD).
         reducer: None for the group's own collectives; else an object with `all_reduce(tensor, op)` and
             `all_gather(out, tensor)` that every collective goes through, the checks at construction
             included: with trust on, a `unify_dist.trust.SealedRing` (sealed and authenticated), and
             `unify_dist.staging.HostStaged` for GPU models over gloo.
-        **options: any UnifyConfig field (nonfinite="skip", space="delta", update_norm_bound=1.0, ...).
+        **options: any UnifyConfig field (nonfinite="skip", space="delta", frozen=["vit.*"], local=["head.*"], ...).
 
     With a reducer, a unify that fails (IntegrityError from the sealed ring, a peer gone, diverging
     digests) leaves the model with exactly its weights from before the call, and its message says so.
@@ -104,7 +112,10 @@ class Unifier:
         cfg = unify_options(rule, options)
         world = dist.get_world_size(group)
         check_same_structure(model, group, reducer=reducer)  # collective; ValueError naming the layer
-        flat = FlatState(model, tail=tail_size(world, model))
+        prepare_lora(model, cfg.rule)  # ValueError: a LoRA rule without adapters; lora_ffa freezes every A
+        roles = role_table(model, cfg.frozen, cfg.local)  # ValueError naming a pattern that matches nothing
+        flat = FlatState(model, tail=tail_size(world, model), roles=roles)
+        check_same_roles(roles, group, reducer)  # collective; ValueError naming a tensor whose role differs
         try:
             verify_identical(flat, group, reducer)  # collective
         except DivergenceError:
@@ -128,7 +139,7 @@ class Unifier:
                              "unifies when called: build it with overlap=False")  # fmt: skip
         self.flat, self.cfg, self.group, self.rule = flat, cfg, group, cfg.rule
         self.rank = dist.get_rank(group)
-        self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements)
+        self.core = Collective(flat, group, cfg.absmax_impl, cfg.chunk_elements, cfg.int_rule)
         self.core.reducer = reducer  # wired once, here: every collective of every unify goes through it
         self._kept: _Kept | None = None  # with a reducer: the state before the current unify (made on first use)
         # The concerns, in the order they run (module docstring); None / [] when their option is off,
@@ -145,6 +156,10 @@ class Unifier:
             self.unified_steps.append(OuterOptimizer(*outer, like=flat.values))
         self.compress = ErrorFeedback(cfg.compress, flat.values) if cfg.compress != "none" else None
         _check_compress_world(cfg.compress, self.core.world)
+        if flat.narrow:
+            for name in dict.fromkeys([cfg.rule, *cfg.compare]):
+                _check_narrow(flat, cfg, name)
+        self.lora = _lora_setup(flat, cfg)
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -198,6 +213,14 @@ class Unifier:
         spec = SPECS[name]
         if spec.delta_only and self.space is None:
             raise ValueError(f"unify rule '{name}' works on updates: name it in the rule or in UnifyConfig.compare")
+        if self.flat.narrow:
+            _check_narrow(self.flat, self.cfg, name)
+        if name in LORA_RULES and name != self.rule:
+            raise ValueError(f"unify rule '{name}' needs the roles it sets up at construction: build the Unifier "
+                             f"with rule='{name}'")  # fmt: skip
+        if name == "lora_exact":
+            return self._unify_lora_exact(weight, verify)
+        self.flat.roles.check_frozen_unchanged()  # ValueError: a frozen tensor would drift apart
         if self.compress is not None and self.core.path(spec) not in ("sum", "weighted_sum"):
             raise ValueError(f"unify.compress = '{self.compress.mode}' serves sums only (avg, weighted_avg), not "
                              f"unify rule '{name}': unify it with a Unifier whose compress is 'none'")  # fmt: skip
@@ -215,8 +238,10 @@ class Unifier:
         # 1. with nothing to do before the collective, the core checks (the sum paths in the pass that
         # scales the values: one trip through memory); else this owner checks first, here
         local_work = (self.space is not None and (delta or bool(self.owner_steps))) or spec.owner_step is not None
-        checked = local_work or self.compress is not None
-        sick_tensor = self.core.find_nonfinite() if checked else None  # host sync
+        self.flat.pull_ints()  # int32 (and other non-int64) buffers into the integer buffer
+        narrow_sick = self.flat.find_nonfinite_narrow() if self.flat.narrow else None  # host sync
+        checked = local_work or self.compress is not None or narrow_sick is not None
+        sick_tensor = narrow_sick or (self.core.find_nonfinite() if checked else None)  # host sync
         if sick_tensor is None:
             self._owner_side(values, delta, commit, steps if counts is not None else 0)  # 2.
             if spec.owner_step is not None:
@@ -240,6 +265,8 @@ class Unifier:
             healthy = [r for r in range(self.core.world) if r not in sick]
             weights = counts[healthy, 0] if self.core.path(spec) == "weighted_sum" else torch.ones(len(healthy))
             values.mul_(mean_steps(counts[healthy, 1], weights))
+        unify_narrow(self.core, combine, weight, flags)  # collective, when bf16 / fp16 tensors are unified
+        self.flat.push_ints()
         if self.space is not None:
             self._unified_side(values, delta, commit)  # 4.
         seconds = time.perf_counter() - t0
@@ -262,6 +289,27 @@ class Unifier:
             raise ValueError(f"unify.normalize_steps needs every owner's local step count, and owner(s) {missing} "
                              "passed none: call unify(weight, steps=N) with N >= 1 local steps since the last unify")  # fmt: skip
         return counts
+
+    def _unify_lora_exact(self, weight: float, verify: bool) -> UnifyOutcome:
+        """lora_exact (unify_dist.lora): owners' factors gathered, averaged, each residual folded into its base."""
+        self.flat.roles.check_frozen_unchanged()
+        t0 = time.perf_counter()
+        self.core.bytes_sent = 0
+        self.flat.pull_ints()
+        sick_tensor = self.core.find_nonfinite()  # host sync
+        flags = unify_exact(self.core, self.lora, weight, sick_tensor is not None, self.flat.roles.tensors)  # collective
+        sick = [r for r in range(self.core.world) if flags[r] > 0]
+        if sick and self.cfg.nonfinite == "fail":
+            mine = f"owner {self.rank} has non-finite weights in '{sick_tensor}'" if sick_tensor else None
+            raise NonFiniteError((mine or f"owner(s) {sick} have non-finite (NaN/Inf) weights")
+                                 + " before unify; lower the learning rate, or set unify.nonfinite=skip")  # fmt: skip
+        if len(sick) == self.core.world:
+            raise NonFiniteError("every owner has non-finite weights: there is nothing left to unify")
+        self.flat.push_ints()
+        seconds = time.perf_counter() - t0
+        digests = verify_identical(self.flat, self.group, self.core.reducer) if verify else None  # collective
+        return UnifyOutcome("lora_exact", sick, digests[0] if digests else None, seconds, None, self.core.bytes_sent,
+                            digests)  # fmt: skip
 
     def _owner_side(self, values: torch.Tensor, delta: bool, commit: bool, steps: int = 0) -> None:
         """Local, before any collective: this owner's (per-step, clipped, noised) update, or weights = anchor + that."""
@@ -298,6 +346,7 @@ class _Kept:
     def __init__(self, unifier: Unifier):
         self.unifier = unifier
         self.values, self.ints = unifier.flat.values.clone(), unifier.flat.ints.clone()
+        self.narrow = {dtype: buffer.clone() for dtype, buffer in unifier.flat.narrow.items()}  # bf16 / fp16 tensors
         self.anchor = unifier.space.anchor.clone() if unifier.space is not None else None
         self.residual = unifier.compress.residual.clone() if unifier.compress is not None else None
         self._momentum()
@@ -307,6 +356,8 @@ class _Kept:
         u = self.unifier
         self.values.copy_(u.flat.values)
         self.ints.copy_(u.flat.ints)
+        for dtype, buffer in self.narrow.items():
+            buffer.copy_(u.flat.narrow[dtype])
         if self.anchor is not None:
             self.anchor.copy_(u.space.anchor)
         if self.residual is not None:
@@ -321,6 +372,9 @@ class _Kept:
         u = self.unifier
         u.flat.values.copy_(self.values)
         u.flat.ints.copy_(self.ints)
+        u.flat.push_ints()  # int32 and other buffers that are copies of `ints`
+        for dtype, buffer in self.narrow.items():
+            u.flat.narrow[dtype].copy_(buffer)
         if self.anchor is not None:
             u.space.anchor.copy_(self.anchor)
         for step, momentum in self.momentum:
@@ -344,6 +398,42 @@ def _needs_anchor(cfg: UnifyConfig) -> bool:
     server = outer_settings(cfg) is not None
     return (cfg.space == "delta" or delta_rule or cfg.update_norm_bound > 0 or server or cfg.compress != "none"
             or cfg.normalize_steps)  # fmt: skip
+
+
+def _check_narrow(flat: FlatState, cfg: UnifyConfig, name: str) -> None:
+    """bf16 / fp16 unified tensors are unified in weight space by a rule's reference (unify_dist.narrow);
+    ValueError for what that path does not serve (the options that work on updates, secure_avg, ties)."""
+    spec = SPECS.get(name)
+    dtypes = ", ".join(str(d).removeprefix("torch.") for d in flat.narrow)
+    fix = "cast the unified tensors to one float dtype (model.float()), or freeze them (requires_grad / frozen=[...])"
+    if _needs_anchor(cfg):
+        raise RoleError(f"the model unifies {dtypes} tensors beside {str(flat.values.dtype).removeprefix('torch.')} "
+                         f"ones, and the update-space options (space, clipping, server momentum, compress) serve one "
+                         f"float dtype; {fix}")  # fmt: skip
+    if spec is not None and (spec.collective == "masked_sum" or spec.owner_step is not None):
+        raise RoleError(f"unify rule '{name}' serves one float dtype, and the model unifies {dtypes} tensors too; {fix}")
+
+
+def _lora_setup(flat: FlatState, cfg: UnifyConfig) -> list:
+    """The adapter pairs when a LoRA rule is in use (unify_dist.lora), checked against the roles; else []."""
+    names = [n for n in dict.fromkeys([cfg.rule, *cfg.compare]) if n in LORA_RULES]
+    if not names:
+        return []
+    model = flat.roles.model
+    pairs = lora_pairs(model) if model is not None else []
+    if not pairs:
+        prepare_lora(model if model is not None else nn.Module(), names[0])  # raises: no adapters
+    if "lora_exact" in names:
+        if _needs_anchor(cfg) or flat.narrow:
+            raise RoleError("unify rule 'lora_exact' runs in weight space on one float dtype: set space, clipping, "
+                             "server momentum and compress off, and keep the unified tensors in one dtype")  # fmt: skip
+        check_exact_roles(pairs, flat.roles)
+    if cfg.rule == "lora_ffa":
+        trained = [p.a for p in pairs if any(e.name == p.a and e.role != "frozen" for e in flat.roles.entries)]
+        if trained:
+            raise RoleError(f"unify rule 'lora_ffa' keeps every lora_A frozen, and '{trained[0]}' is not; build "
+                             "the roles after unify_dist.lora.prepare_lora(model, 'lora_ffa')")  # fmt: skip
+    return pairs
 
 
 def _check_compress_world(mode: str, owners: int) -> None:

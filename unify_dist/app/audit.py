@@ -68,6 +68,8 @@ class _Seen:
     body_hash: str | None
     owners: int
     problems: list[str]
+    local: tuple[str, ...] = ()
+    """The tensors each owner kept as its own (roles): not in the digest, so left out of final.pt's check."""
 
 
 def _examine_all(lines: list[tuple[int, str]], keys: dict[str, bytes], workers: int | None) -> list[_Seen]:
@@ -105,7 +107,9 @@ def _examine(lines: list[tuple[int, str]], keys: dict[str, bytes]) -> list[_Seen
         problems = _digest_problems(where, record) + _signature_problems(where, record, SIGNED + body, publics)
         round_ = record.get("round") if isinstance(record.get("round"), int) else -1
         digest, owners = record.get("digest"), len(record.get("owners", []))
-        seen.append(_Seen(number, round_, record.get("previous"), digest, hashlib.sha256(body).hexdigest(), owners, problems))
+        local = tuple(str(n) for n in record.get("local_tensors", []))
+        seen.append(_Seen(number, round_, record.get("previous"), digest, hashlib.sha256(body).hexdigest(), owners, problems,
+                          local))  # fmt: skip
     return seen
 
 
@@ -187,7 +191,7 @@ def _check_final(path: Path, last: _Seen | None) -> list[str]:
         return [f"round {last.round}: {path} is missing, so the final model cannot be checked"]
     try:
         final = torch.load(path, weights_only=True, map_location="cpu")
-        digest = state_digest(final["model"].items())
+        digest = state_digest((n, t) for n, t in final["model"].items() if n not in last.local)
     except Exception as e:  # any unreadable file is a finding, not a crash
         return [f"round {last.round}: {path} is not a readable unify-dist model ({type(e).__name__}: {e})"]
     if digest != last.digest:

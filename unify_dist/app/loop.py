@@ -35,11 +35,13 @@ from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
-from unify_dist.models import build_model
+from unify_dist.models import build_model, check_output_size
 from unify_dist.rules import SPECS
 from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
 from unify_dist.staging import HostStaged
 from unify_dist.prox import proximal_term
+from unify_dist.lora import prepare_lora
+from unify_dist.roles import check_same_roles, role_table
 from unify_dist.train import absent_class_scale, count_correct, epoch_generator, per_class_correct, round_lr, set_lr, train_epoch
 from unify_dist.overlap import OverlappedUnifier
 from unify_dist.unifier import Unifier, same_start
@@ -74,12 +76,19 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         ctx.watch.names = members.present  # a peer's death is then reported by the owner's name
     data = load_data(cfg, ctx, members, reducer)
     model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
+    sample, _ = next(iter(data.train.batches(None, 2)))
+    check_output_size(model, sample.to(ctx.device), data.num_classes, cfg.model)  # UserError: not one logit per class
     with stage("consistency check", ctx):
         check_consistency(fingerprint(cfg, model, data.classes), ctx.world_size, reducer)  # collective
     with stage("broadcast initial weights", ctx):
         same_start(model, reducer=reducer)  # collective: rank 0's initial weights everywhere, proven identical
     config_hash = fingerprint_hash(fingerprint(cfg, model, data.classes))  # what every owner checked equal
-    flat = FlatState(model, tail=tail_size(ctx.world_size, model))
+    prepare_lora(model, cfg.unify.rule)  # UserError: a LoRA rule without adapters; lora_ffa freezes every lora_A
+    roles = role_table(model, cfg.unify.frozen, cfg.unify.local, source="unify.")  # UserError: a pattern matches nothing
+    flat = FlatState(model, tail=tail_size(ctx.world_size, model), roles=roles)  # only unified tensors travel
+    with stage("tensor roles", ctx):
+        check_same_roles(roles, reducer=reducer)  # collective: the same tensors unified, frozen and local on every owner
+    out.info(roles.describe())
     state = TrainState(cfg, model, _unifier(cfg, ctx, model, flat, reducer))
     if state.scaffold is not None:
         state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
@@ -121,6 +130,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         record, budgets = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer,
                                             _budget(cfg, state.unifier))  # fmt: skip
         _name_owners(record, members, state.records)
+        if roles.names("local"):
+            record["local_tensors"] = roles.names("local")  # kept per owner: not unified, not in the digest
         with stage(f"step counts in round {round_}", ctx):  # collective: every owner's steps and times, recorded
             budget.add_to_record(record, budget.agree_counts(clock.counts(steps), ctx.wire_device, reducer))
         _bind(record, cfg, config_hash, state.records)  # after every field is in: the signature covers them all
@@ -143,7 +154,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     if cfg.unify.overlap:
         state.unifier.finish()  # the last round's unify, applied: every owner ends with the same model
     if ctx.is_main:
-        final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records}
+        final = {"model": model.state_dict(), "config": cfg.to_dict(), "metrics": state.records, "roles": roles.summary()}
         save_atomic(final, run_dir / "final.pt")
         out.info(f"final unified model: {run_dir / 'final.pt'}; metrics: {run_dir / 'metrics.jsonl'}")
     return state.records
@@ -405,11 +416,16 @@ class _trial:
         self.flat = unifier.flat
 
     def __enter__(self) -> None:
+        self.flat.pull_ints()
         self.values, self.ints = self.flat.values.clone(), self.flat.ints.clone()
+        self.narrow = [b.clone() for b in self.flat.narrow.values()]
 
     def __exit__(self, *exc: object) -> None:
         self.flat.values.copy_(self.values)
         self.flat.ints.copy_(self.ints)
+        self.flat.push_ints()
+        for buffer, kept in zip(self.flat.narrow.values(), self.narrow):
+            buffer.copy_(kept)
 
 
 def _bind(record: dict[str, Any], cfg: RunConfig, config_hash: str, records: list[dict[str, Any]]) -> None:
@@ -598,7 +614,8 @@ def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing
     payload = io.BytesIO()
     torch.save({"unifier": state.unifier.state_dict(), "records": state.records}, payload)
     mine = torch.frombuffer(bytearray(payload.getvalue()), dtype=torch.uint8)
-    parts = [flat.buffer, flat.ints]
+    flat.pull_ints()
+    parts = [flat.buffer, *flat.narrow.values(), flat.ints]  # unified tensors: frozen ones are equal, local ones stay
     cap = _HANDOVER_SLACK + 8 * flat.buffer.numel() * flat.buffer.element_size()  # anchor, momentum, residual, records
     if reducer is None:
         for t in parts:
@@ -617,6 +634,7 @@ def _take_from(source: int, state: TrainState, needed: bool, reducer: SealedRing
             if not is_source:
                 raw.zero_()
             reducer.all_reduce(raw)  # integer sum of one owner's bytes and zeros: exactly the source's bytes
+    flat.push_ints()
     if needed:  # weights_only: tensors, numbers, strings, lists, dicts; never code from the wire
         shared_state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
         state.unifier.load_state_dict(shared_state["unifier"])
