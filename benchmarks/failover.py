@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from tests.world import kill_tree
 
 __all__ = ["main"]
 
@@ -67,28 +68,8 @@ class Agent:
 
     def kill(self) -> None:
         """SIGKILL the agent and everything under it (torchrun starts its workers in sessions of their own)."""
-        for pid in _tree(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(self.proc.pid)
         self.proc.wait()
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [root], []
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
 
 
 def _free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_launch import folder_owners
-from tests.world import cli, free_port
+from tests.world import cli, free_port, kill_tree
 from unify_dist.app.launch import _torchrun_args
 
 OWNERS = ["ana", "ben", "cai"]
@@ -37,31 +36,6 @@ def _agent(name: str, run_dir: Path, port: int, extra: list[str]) -> subprocess.
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIFY_DIST_OWNER": name, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _tree(root: int) -> list[int]:
-    """A process and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [root], []
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def _kill_tree(root: int) -> None:
-    for pid in _tree(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _listening(port: int) -> bool:
@@ -87,14 +61,14 @@ def test_dead_owner_is_named_within_seconds_not_timed_out(tmp_path: Path, data_r
         _wait(lambda: _listening(port), list(agents.values()), 60, "the rendezvous endpoint")  # ana hosts it
         agents.update({n: _agent(n, run_dir, port, extra) for n in OWNERS[1:]})
         _wait((run_dir / "checkpoints" / "cai" / "round_00002.pt").exists, list(agents.values()), 240, "round 2")
-        _kill_tree(agents["cai"].pid)  # its agent and its worker, mid-run
+        kill_tree(agents["cai"].pid)  # its agent and its worker, mid-run
         killed = time.monotonic()
         said = {n: agents[n].communicate(timeout=timeout_s)[1] for n in ("ana", "ben")}
         waited = time.monotonic() - killed
     finally:
         for proc in agents.values():
             if proc.poll() is None:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
     for name, err in said.items():
         lines = [ln for ln in err.splitlines() if ln.startswith("unify-dist: run failed")]
         assert len(lines) == 1, f"{name}: {err[-3000:]}"

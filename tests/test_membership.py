@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import free_port
+from tests.world import free_port, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SURVIVORS_WAIT = "round=3:below=3"  # from round 3 on, no unify with fewer than all three owners
@@ -53,27 +52,6 @@ def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_i
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _kill_tree(root: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [root], []
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _wait(condition, procs: list[subprocess.Popen], limit_s: float, what: str) -> None:
@@ -116,7 +94,7 @@ def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path,
         agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic", "round=2:below=99")  # never unifies round 2
         gone = run_dir / "checkpoints" / "cai" / "round_00001.pt"
         _wait(gone.exists, list(agents.values()), 240, "round 1 checkpoint of cai")
-        _kill_tree(agents["cai"].pid)  # the agent and its worker, in round 2: gone for good
+        kill_tree(agents["cai"].pid)  # the agent and its worker, in round 2: gone for good
         agents["cai"].wait()
         # round 2 can only complete without cai; the survivors then hold in round 3 until cai is back
         _wait(lambda: (run_dir / "checkpoints" / "ana" / "round_00002.pt").exists(), [agents["ana"], agents["ben"]],
@@ -127,7 +105,7 @@ def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path,
     finally:
         for proc in agents.values():
             if proc.poll() is None:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
     records = _records(run_dir)
     assert [r["round"] for r in records] == list(range(1, rounds + 1)), _logs(tmp_path)  # each round once
     assert records[0]["participants"] == OWNERS
