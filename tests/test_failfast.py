@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_launch import folder_owners
-from tests.world import cli, free_port, kill_tree
+from tests.world import cli, free_port, kill_tree, listening
 from unify_dist.app.launch import _torchrun_args
 
 OWNERS = ["ana", "ben", "cai"]
@@ -38,11 +37,6 @@ def _agent(name: str, run_dir: Path, port: int, extra: list[str]) -> subprocess.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _wait(condition, procs: list[subprocess.Popen], limit_s: float, what: str) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
@@ -58,7 +52,7 @@ def test_dead_owner_is_named_within_seconds_not_timed_out(tmp_path: Path, data_r
     extra = ["--set", "train.max_rounds=500", "--set", f"dist.timeout_s={timeout_s}"]
     agents = {"ana": _agent("ana", run_dir, port, extra)}
     try:
-        _wait(lambda: _listening(port), list(agents.values()), 60, "the rendezvous endpoint")  # ana hosts it
+        _wait(lambda: listening(port), list(agents.values()), 60, "the rendezvous endpoint")  # ana hosts it
         agents.update({n: _agent(n, run_dir, port, extra) for n in OWNERS[1:]})
         _wait((run_dir / "checkpoints" / "cai" / "round_00002.pt").exists, list(agents.values()), 240, "round 2")
         kill_tree(agents["cai"].pid)  # its agent and its worker, mid-run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import free_port, kill_tree
+from tests.world import free_port, kill_tree, listening
 
 REPO = Path(__file__).resolve().parents[1]
 SURVIVORS_WAIT = "round=3:below=3"  # from round 3 on, no unify with fewer than all three owners
@@ -47,11 +46,6 @@ def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_i
            "UNIFY_DIST_HOLD": hold, "PYTHONPATH": str(REPO)}  # fmt: skip
     log = open(run_dir.parent / f"{run_dir.name}_{name}_{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait(condition, procs: list[subprocess.Popen], limit_s: float, what: str) -> None:
@@ -89,7 +83,7 @@ def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path,
     agents = {"ana": _agent("ana", run_dir, port, "2:3", rounds, "elastic", SURVIVORS_WAIT)}
     try:
         # ana's agent hosts the rendezvous store (the first to bind the endpoint); it must not be the one killed
-        _wait(lambda: _listening(port), list(agents.values()), 60, "the rendezvous endpoint")
+        _wait(lambda: listening(port), list(agents.values()), 60, "the rendezvous endpoint")
         agents["ben"] = _agent("ben", run_dir, port, "2:3", rounds, "elastic", SURVIVORS_WAIT)
         agents["cai"] = _agent("cai", run_dir, port, "2:3", rounds, "elastic", "round=2:below=99")  # never unifies round 2
         gone = run_dir / "checkpoints" / "cai" / "round_00001.pt"

@@ -29,6 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port (a rendezvous endpoint is up)."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def process_tree(root: int) -> list[int]:
     """A process and all its descendants, from /proc (torchrun starts its workers in sessions of their own)."""
     children: dict[int, list[int]] = {}
