@@ -56,7 +56,9 @@ def test_secure_average_equals_plain_average(world: int) -> None:
 
 def test_what_an_owner_sends_is_indistinguishable_from_noise() -> None:
     results = run_world(_secure, 3)
-    critical = 1.95 / np.sqrt(N)  # KS test at the 0.1% level
+    # KS test at the 1e-6 level (c = sqrt(-ln(alpha / 2) / 2)): the masks are fresh randomness every run, so
+    # at the 0.1% level this failed about once in 330 runs of 3 owners with nothing wrong (seen in the suite)
+    critical = 2.69 / np.sqrt(N)
     for r in results:
         assert _uniform_ks(r["sent"]) < critical
         # no linear trace of the weights in what is sent, and a new nonce gives new masks

@@ -108,13 +108,15 @@ class OverlappedUnifier:
             _set(self.unified, _pair(self.shadow))
             x.sub_(self.sent[0]).add_(self.unified[0])  # this round's own progress on top of the unified state
             x_ints.sub_(self.sent[1]).add_(self.unified[1])
-            skipped, digest = done.skipped, done.digest
+            skipped, digests, sent = done.skipped, done.digests, done.bytes_sent
         else:  # the first round (or a run resumed with nothing in flight): the common start, proven here
             _set(_pair(self.shadow), self.unified)
-            skipped, digest = [], verify_identical(self.shadow)[0]  # collective (main group)
+            skipped, digests, sent = [], verify_identical(self.shadow), 0  # collective (main group)
         self._start(weight, rule or self.background.rule, steps)
         _set(_pair(self.flat), self.unified)  # evaluate and checkpoint the state every owner holds
-        return UnifyOutcome(rule or self.background.rule, skipped, digest, time.perf_counter() - t0)
+        # every rank's own digest of the applied state (the record keeps them all), and the bytes this owner sent
+        return UnifyOutcome(rule or self.background.rule, skipped, digests[0], time.perf_counter() - t0,
+                            bytes_sent=sent, digests=digests)  # fmt: skip
 
     def finish(self) -> UnifyOutcome | None:
         """After the last round: wait for the unify in flight and give every owner its result (no progress

@@ -225,7 +225,7 @@ def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, me
             said = _over_budget(start + 1, [[ok, after, cap]], [members.name], cfg.unify.dp_delta)
             error = f"{said}: the run's budget is spent after round {start}; raise unify.dp_max_epsilon to go on"
     with stage("privacy budget check", ctx):
-        agree(error, ctx, "checking the privacy budget")  # collective
+        agree(error, ctx, "checking the privacy budget", unifier.core.reducer)  # collective (sealed with trust on)
 
 
 def _staged(ctx: Context) -> str:
