@@ -106,7 +106,10 @@ def init_context(cfg: DistConfig) -> Context:
             store = _attempt_store(timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw)
             if world > 1:
-                watch = Watch(rank, world, store, env["MASTER_ADDR"], int(env["MASTER_PORT"]), cfg.timeout_s)
+                master = (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+                # gloo's own choice of interface, when the user made one: the watch listens there too
+                interface = env.get("GLOO_SOCKET_IFNAME", "").split(",")[0] or None
+                watch = Watch(rank, world, store, *master, cfg.timeout_s, interface=interface)
                 watch.arm()  # from here on, a peer's death stops this owner at once
         else:  # one owner, no launcher: an in-process store keeps every collective call valid
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

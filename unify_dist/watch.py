@@ -41,6 +41,7 @@ DONE, FAILED = b"D", b"F"
 """An owner's last word on its watch connections: it finished, or it stops with its own error."""
 _SIGNAL = signal.SIGURG
 _KEY = "unify_dist/watch/{rank}"
+_ROUTE_KEY = "unify_dist/watch/route/{rank}"
 
 
 class PeerGone(BaseException):
@@ -59,11 +60,46 @@ class _Peer:
     closed_at: float | None = None
 
 
-def _local_address(master: str, port: int) -> str:
-    """The address of this machine's interface that routes to the master: what peers can reach."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # connect() on UDP sends nothing
-        s.connect((master, port))
+def _route_to(host: str, port: int = 9) -> str:
+    """The address of this machine's interface that routes to `host` (connect() on UDP sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
         return s.getsockname()[0]
+
+
+def _interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` (Linux's SIOCGIFADDR)."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            answer = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        except OSError as e:
+            raise ConnectionError(f"GLOO_SOCKET_IFNAME names interface '{name}', which has no IPv4 address here ({e})") from None
+    return socket.inet_ntoa(answer[20:24])
+
+
+def _reachable_address(
+    rank: int, world_size: int, store: dist.Store, master: str, master_port: int, interface: str | None
+) -> str:
+    """What the other ranks can reach this rank at: GLOO_SOCKET_IFNAME's interface when the user chose one
+    for gloo, else the interface towards the master, as a rule.
+
+    On the master's own machine the master's name may resolve to a loopback address (Debian maps the
+    host name to 127.0.1.1), which owners on other machines cannot reach. Every rank first publishes its
+    route to the master; a rank whose route is loopback takes the interface towards a rank that found a
+    real one (that rank is on another machine). Ranks that all share one machine keep loopback, which
+    reaches them all.
+    """
+    route = _interface_address(interface) if interface else _route_to(master, master_port)
+    store.set(_ROUTE_KEY.format(rank=rank), route)
+    if not route.startswith("127."):
+        return route
+    for peer in range(world_size):
+        theirs = store.get(_ROUTE_KEY.format(rank=peer)).decode()  # waits until that rank has published
+        if not theirs.startswith("127."):
+            return _route_to(theirs)
+    return route
 
 
 def _keep_alive(sock: socket.socket) -> None:
@@ -77,7 +113,10 @@ def _keep_alive(sock: socket.socket) -> None:
 class Watch:
     """This rank's connections to every other rank of the group, watched by a daemon thread."""
 
-    def __init__(self, rank: int, world_size: int, store: dist.Store, master: str, master_port: int, timeout_s: float):
+    def __init__(
+        self, rank: int, world_size: int, store: dist.Store, master: str, master_port: int, timeout_s: float,
+        interface: str | None = None,
+    ):  # fmt: skip
         self.rank, self.world_size = rank, world_size
         self.names: list[str] = []
         """Owners' names by rank, once the group has agreed on them (messages name owners, not only ranks)."""
@@ -89,24 +128,37 @@ class Watch:
         self._changed = threading.Condition()
         self._armed = False
         self._reported = False
-        self._connect(store, master, master_port, timeout_s)
+        host = _reachable_address(rank, world_size, store, master, master_port, interface)
+        self._connect(store, host, timeout_s)
         self._thread = threading.Thread(target=self._watch, name="unify-dist-watch", daemon=True)
         self._thread.start()
 
-    def _connect(self, store: dist.Store, master: str, master_port: int, timeout_s: float) -> None:
+    def _connect(self, store: dist.Store, host: str, timeout_s: float) -> None:
         """A full mesh: each rank connects to every lower rank and accepts every higher one."""
-        host = _local_address(master, master_port)
         listener = socket.create_server((host, 0), backlog=self.world_size)
         try:
             store.set(_KEY.format(rank=self.rank), f"{host}:{listener.getsockname()[1]}")
             for peer in range(self.rank):  # the peer's listener queues us even before it accepts
                 peer_host, _, port = store.get(_KEY.format(rank=peer)).decode().rpartition(":")
-                sock = socket.create_connection((peer_host, int(port)), timeout=timeout_s)
+                try:
+                    sock = socket.create_connection((peer_host, int(port)), timeout=timeout_s)
+                except OSError as e:
+                    raise ConnectionError(
+                        f"rank {self.rank} cannot reach rank {peer}'s watch at {peer_host}:{port} ({e}); owners must "
+                        "reach each other on the interface that routes to the master (set GLOO_SOCKET_IFNAME as for gloo)"
+                    ) from None
                 sock.sendall(struct.pack("!I", self.rank))
                 self._add(peer, sock)
             listener.settimeout(timeout_s)
             while len(self._peers) < self.world_size - 1:
-                sock, _ = listener.accept()
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    missing = sorted(set(range(self.rank + 1, self.world_size)) - set(self._peers))
+                    raise ConnectionError(
+                        f"rank {self.rank} waited {timeout_s:.0f} s at {host} for ranks {missing} to connect to its "
+                        "watch; they cannot reach this address (a firewall, or the wrong interface: set GLOO_SOCKET_IFNAME)"
+                    ) from None
                 sock.settimeout(timeout_s)
                 peer = struct.unpack("!I", _read_exactly(sock, 4))[0]
                 if not self.rank < peer < self.world_size or peer in self._peers:
