@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo demo-trust test test-fast bench bench-links reproduce robust skew dp netns data clean
+.PHONY: demo demo-trust test test-fast bench bench-links bench-unequal reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -72,6 +72,11 @@ $(FLWR_DIR)/.installed:
 
 bench-links: $(STAMP) data $(FLWR_DIR)/.installed
 	PYTHON=$(PY) FLWR_DIR=$(FLWR_DIR) launch/netns_bench_links.sh
+
+# Owners of different speeds (issue 19): node B held to a third of a core by a cgroup v1 quota, time to 88% in
+# epoch rounds, time-budget rounds and overlapped rounds, over 100 and 20 Mbit links (root). About 10 min per rate.
+bench-unequal: $(STAMP) data
+	for rate in 100mbit 20mbit; do PYTHON=$(PY) RATE=$$rate launch/netns_unequal.sh configs/paper_v.toml || exit $$?; done
 
 clean:
 	rm -rf runs results .pytest_cache

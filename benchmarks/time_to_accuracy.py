@@ -3,6 +3,9 @@
     wait METRICS FIELD TARGET   exit 0 once a record of METRICS (JSON lines) has FIELD >= TARGET
     summary --unify DIR --ddp DIR --target T --out JSON [--note K=V ...]
                                 time to target of each run, their ratio; a table on stdout, JSON to --out
+    modes --run NAME=DIR ... --target T --out JSON [--note K=V ...]
+                                unify-dist runs in several modes (launch/netns_unequal.sh): each one's time
+                                to target, its speed-up over the first, each owner's median idle fraction
 
 A run directory holds `launch` (the script's time.time() when it started the run), `metrics.jsonl`, and
 `output.log` (every output line prefixed by the time.time() it arrived). Times to target end at the "time"
@@ -133,6 +136,54 @@ def _table(unify: dict, ddp: dict, ratio_launch: float | None, ratio_training: f
     return "\n".join(rows)
 
 
+def idle_fractions(rows: list[dict]) -> list[float | None]:
+    """Each owner's median over rounds 2.. of unify_s / round_s: the share of its round spent blocked in the unify."""
+    later = rows[1:] or rows
+    owners = max((len(r["owners"]) for r in later), default=0)
+    out: list[float | None] = []
+    for i in range(owners):
+        shares = [r["owners"][i]["unify_s"] / r["owners"][i]["round_s"] for r in later
+                  if i < len(r["owners"]) and r["owners"][i].get("round_s")]  # fmt: skip
+        out.append(statistics.median(shares) if shares else None)
+    return out
+
+
+def modes(args: argparse.Namespace) -> int:
+    runs = dict(r.split("=", 1) for r in args.run)
+    results = {}
+    for name, folder in runs.items():
+        run = Path(folder)
+        m = measure(run, "unified_test_acc", "round", args.target, _stamp_of(run / "output.log", "owner data:"))
+        m["idle_by_owner"] = idle_fractions(records(run / "metrics.jsonl"))
+        results[name] = m
+    first = next(iter(results.values()))
+    for m in results.values():
+        m["speed_up_launch"] = _ratio(first, m, "launch_to_target_s")
+        m["speed_up_training"] = _ratio(first, m, "training_to_target_s")
+    out = {
+        "what": "time to a test accuracy of unify-dist in several round modes, one rank per network namespace over a "
+        "tc-tbf-shaped veth link, node B slowed by a cgroup CPU quota (issue 19)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "target_accuracy": args.target,
+        **dict(n.split("=", 1) for n in args.note),
+        "runs": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    base = next(iter(results))
+    print(f"| mode | launch->target | training->target | rounds | speed-up vs {base} | idle, owner 0 / 1 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, m in results.items():
+        idle = " / ".join("-" if v is None else f"{v:.1%}" for v in m["idle_by_owner"])
+        if not m["reached"]:
+            print(f"| {name} | not reached in {m['rounds_run']} rounds (best {m['best_test_acc'] or 0:.2%}) | | | | {idle} |")
+            continue
+        print(f"| {name} | {m['launch_to_target_s']:.1f} s | {m['training_to_target_s'] or 0:.1f} s | "
+              f"{m['rounds_to_target']} | {m['speed_up_launch'] or 0:.2f}x | {idle} |")  # fmt: skip
+    print(f"summary: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--target", type=float, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--note", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON")
+    m = sub.add_parser("modes")
+    m.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="the first is the baseline")
+    m.add_argument("--target", type=float, required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--note", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON")
     args = parser.parse_args(argv)
     if args.command == "wait":
         return wait(args.metrics, args.field, args.target)
-    return summary(args)
+    return modes(args) if args.command == "modes" else summary(args)
 
 
 if __name__ == "__main__":

@@ -25,55 +25,14 @@ python=$(netns_python)
 common=(--config "$config" --set "train.threads=$threads" "$@")
 netns_up "$me" "$rate"
 
-stamp() {  # DIR: append lines to DIR/output.log prefixed by the time they arrived; show them until DIR/stopped
-  local line
-  while IFS= read -r line; do
-    printf '%s %s\n' "$EPOCHREALTIME" "$line" >>"$1/output.log"
-    [ -e "$1/stopped" ] || printf '%s\n' "$line"  # a stopped run's shutdown tracebacks stay in the log
-  done
-}
-
-run_pair() {  # DIR PORT ACC_FIELD ARGS...: one rank per namespace; stopped once ACC_FIELD >= target ("-": never)
-  local dir=$1 port=$2 field=$3 watcher= node_a node_b
-  shift 3
-  rm -rf -- "$dir" && mkdir -p "$dir"
-  if [ "$field" != - ]; then
-    "$python" benchmarks/time_to_accuracy.py wait "$dir/metrics.jsonl" "$field" "$target" &
-    watcher=$!
-  fi
-  echo "$EPOCHREALTIME" >"$dir/launch"
-  netns_torchrun "$NETNS_A" 0 "$port" "tta-$port" "$@" > >(stamp "$dir") 2>&1 &
-  node_a=$!
-  netns_torchrun "$NETNS_B" 1 "$port" "tta-$port" "$@" > >(stamp "$dir") 2>&1 &
-  node_b=$!
-  while kill -0 "$node_a" 2>/dev/null || kill -0 "$node_b" 2>/dev/null; do
-    if [ -n "$watcher" ] && ! kill -0 "$watcher" 2>/dev/null; then
-      if wait "$watcher"; then
-        echo "$me: target reached; stopping this run (its shutdown messages: $dir/output.log)"
-        touch "$dir/stopped"
-        netns_stop
-      fi
-      watcher=
-    fi
-    sleep 0.5
-  done
-  wait "$node_a" || true  # non-zero when stopped at the target; the summary says whether it got there
-  wait "$node_b" || true
-  if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; fi
-  for _ in $(seq 50); do  # the next run starts on an idle machine
-    [ -z "$(ip netns pids "$NETNS_A"; ip netns pids "$NETNS_B")" ] && break
-    sleep 0.2
-  done
-}
-
 echo "$me: unify-dist avg vs DDP to $target test accuracy; 1 rank in each of $NETNS_A, $NETNS_B over a $rate" \
   "veth link; config $config; $threads torch thread(s) per rank"
 echo "$me: [1/2] unify-dist avg"
 # DDP evaluates the test set once per epoch; unify-dist skips its local-model evaluation so both evaluate alike.
-run_pair "$out/unify" 29577 unified_test_acc -m unify_dist train "${common[@]}" \
+netns_run_pair "$out/unify" 29577 unified_test_acc -m unify_dist train "${common[@]}" \
   --set unify.rule=avg --set "output.dir=$out/unify" --set output.resume=false --set output.local_metrics=false
 echo "$me: [2/2] DDP"
-run_pair "$out/ddp" 29578 - -m benchmarks.ddp_baseline "${common[@]}" --target "$target" --out "$out/ddp"
+netns_run_pair "$out/ddp" 29578 - -m benchmarks.ddp_baseline "${common[@]}" --target "$target" --out "$out/ddp"
 "$python" benchmarks/time_to_accuracy.py summary --unify "$out/unify" --ddp "$out/ddp" --target "$target" --out "$summary" \
   --note "rate=$rate" --note "config=$config" --note "threads_per_rank=$threads" --note "overrides=$*" \
   --note "host=$cores cores, both namespaces on one machine"
