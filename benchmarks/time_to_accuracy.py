@@ -154,7 +154,11 @@ def modes(args: argparse.Namespace) -> int:
     for name, folder in runs.items():
         run = Path(folder)
         m = measure(run, "unified_test_acc", "round", args.target, _stamp_of(run / "output.log", "owner data:"))
-        m["idle_by_owner"] = idle_fractions(records(run / "metrics.jsonl"))
+        rows = records(run / "metrics.jsonl")
+        m["idle_by_owner"] = idle_fractions(rows)
+        later = rows[1:] or rows  # round 1 pays the warm-up
+        # the time this mode's round is held up by the unify, as the slowest owner sees it
+        m["median_unify_s"] = statistics.median(max(o["unify_s"] for o in r["owners"]) for r in later) if later else None
         results[name] = m
     first = next(iter(results.values()))
     for m in results.values():
@@ -171,15 +175,17 @@ def modes(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     base = next(iter(results))
-    print(f"| mode | launch->target | training->target | rounds | speed-up vs {base} | idle, owner 0 / 1 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| mode | launch->target | training->target | rounds | speed-up vs {base} | idle, owner 0 / 1 | unify_s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, m in results.items():
         idle = " / ".join("-" if v is None else f"{v:.1%}" for v in m["idle_by_owner"])
+        unify_s = "-" if m["median_unify_s"] is None else f"{m['median_unify_s']:.2f} s"
         if not m["reached"]:
-            print(f"| {name} | not reached in {m['rounds_run']} rounds (best {m['best_test_acc'] or 0:.2%}) | | | | {idle} |")
+            best = f"not reached in {m['rounds_run']} rounds (best {m['best_test_acc'] or 0:.2%})"
+            print(f"| {name} | {best} | | | | {idle} | {unify_s} |")
             continue
         print(f"| {name} | {m['launch_to_target_s']:.1f} s | {m['training_to_target_s'] or 0:.1f} s | "
-              f"{m['rounds_to_target']} | {m['speed_up_launch'] or 0:.2f}x | {idle} |")  # fmt: skip
+              f"{m['rounds_to_target']} | {m['speed_up_launch'] or 0:.2f}x | {idle} | {unify_s} |")  # fmt: skip
     print(f"summary: {args.out}")
     return 0
 
