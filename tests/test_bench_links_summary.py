@@ -73,3 +73,28 @@ def test_flower_and_ddp_figures_and_the_ratios(tmp_path: Path) -> None:
     assert tta["flower"]["launch_to_target_s"] == pytest.approx(140 - 95)
     assert tta["ddp"]["training_to_target_s"] == pytest.approx(190 - 100)
     assert result["time_to_accuracy_ratios"]["tta_unify_over_ddp"] == pytest.approx(38 / 98)
+
+
+def test_modes_summary_times_each_mode_against_the_first_and_reads_idle_fractions(tmp_path: Path) -> None:
+    """benchmarks/time_to_accuracy.py modes (launch/netns_unequal.sh's summary) on hand-made run directories."""
+    from benchmarks.time_to_accuracy import main
+
+    def mode(name: str, accs: list[float], unify_s: float, round_s: float) -> Path:
+        run = tmp_path / name
+        rows = [{"round": r + 1, "unified_test_acc": a, "time": 100 + 10 * (r + 1),
+                 "owners": [{"unify_s": unify_s, "round_s": round_s}, {"unify_s": 0.0, "round_s": round_s}]}
+                for r, a in enumerate(accs)]  # fmt: skip
+        _run(run, "unify", 90.0, {"metrics.jsonl": rows}, {})
+        (run / "output.log").write_text("95.0 owner data: 2 owners\n")
+        return run
+
+    epochs, seconds = mode("epochs", [0.5, 0.8, 0.9], 5.0, 10.0), mode("seconds", [0.85, 0.9], 0.1, 10.0)
+    out = tmp_path / "modes.json"
+    assert main(["modes", "--run", f"epochs={epochs}", "--run", f"seconds={seconds}", "--target", "0.88", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert runs["epochs"]["launch_to_target_s"] == pytest.approx(40.0)  # round 3 at 130, launched at 90
+    assert runs["seconds"]["launch_to_target_s"] == pytest.approx(30.0)
+    assert runs["seconds"]["speed_up_launch"] == pytest.approx(40 / 30)
+    assert runs["seconds"]["training_to_target_s"] == pytest.approx(25.0)  # from 'owner data:' at 95
+    assert runs["epochs"]["idle_by_owner"] == pytest.approx([0.5, 0.0])  # rounds 2.. only
+    assert runs["epochs"]["median_unify_s"] == pytest.approx(5.0)
