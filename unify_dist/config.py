@@ -73,29 +73,15 @@ class DataConfig:
         return out
 
     def _source_problems(self) -> list[str]:
-        """Where the data comes from: a factory string, or a registered dataset with a partition that fits it."""
-        from unify_dist.data import DATASETS, PARTITIONS  # late: data imports this module
-
+        """Where the data comes from, as far as it is plain values: the factory string's form. Whether
+        data.dataset and data.partition name registered ones is data.py's to say (unify_dist.data.dataset_problems):
+        the registries live there, above this module."""
         out = [] if self.workers >= 0 else [f"data.workers must be >= 0 (0: load in the training process), got {self.workers}"]
         if self.factory:
             module, sep, attr = self.factory.partition(":")
             if not (sep and module and attr):
                 out.append(f"data.factory = '{self.factory}' is not 'module.path:function'; write e.g. 'my_pkg.data:owner_data'")
-            return out
-        if self.dataset not in DATASETS:
-            out.append(choice("data.dataset", self.dataset, tuple(DATASETS)))
-        if self.partition not in PARTITIONS:
-            out.append(choice("data.partition", self.partition, tuple(PARTITIONS)))
-        if out:
-            return out
-        dataset, scheme = DATASETS[self.dataset], PARTITIONS[self.partition]
-        if dataset.owner_held != scheme.owner_held:
-            held = [n for n, p in PARTITIONS.items() if p.owner_held]
-            shared = [n for n, p in PARTITIONS.items() if not p.owner_held]
-            takes = held if dataset.owner_held else shared
-            out.append(f"data.dataset = '{self.dataset}' and data.partition = '{self.partition}' do not go together: "
-                       f"'{self.dataset}' takes partition {' or '.join(repr(t) for t in takes)}")  # fmt: skip
-        return out + (dataset.problems(self) if dataset.problems else [])
+        return out
 
     def resolved_root(self) -> Path:
         return Path(os.environ.get(DATA_ROOT_ENV) or self.root).expanduser()
@@ -118,11 +104,8 @@ class ModelConfig:
     returning an nn.Module; {rank} and {owner} in it become the owner's rank and name. Set, it wins over name."""
 
     def problems(self) -> list[str]:
-        from unify_dist.models import MODELS  # late: models imports this module
-
+        """The plain values; whether model.name is registered is models.py's to say (unify_dist.models.model_problems)."""
         out = []
-        if self.name not in MODELS:
-            out.append(choice("model.name", self.name, tuple(MODELS)))
         module, sep, attr = self.factory.partition(":")
         if self.factory and not (sep and module and attr):
             out.append(

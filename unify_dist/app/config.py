@@ -82,11 +82,16 @@ class RunConfig:
     models (unify_dist.register_rule, register_model) that the rest of the config then names."""
 
     def problems(self) -> list[str]:
+        # the registries' checks from their own modules: they sit above unify_dist.config, which imports neither
+        from unify_dist.data import dataset_problems
+        from unify_dist.models import model_problems
+
         out = []
         for f in fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
-                out += section.problems()
+                registry = {"data": dataset_problems, "model": model_problems}.get(f.name)
+                out += (registry(section) if registry else []) + section.problems()
         return out + _overlap_problems(self)
 
     def to_dict(self) -> dict[str, Any]:
