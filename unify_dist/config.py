@@ -340,6 +340,12 @@ class DistConfig:
     collective staged through pinned host memory (NCCL across NAT and WAN links is fragile; with trust on
     the sealed ring needs host bytes anyway)."""
 
+    procs_per_owner: int = 1
+    """Processes per owner (G): launch each owner with `torchrun --nproc_per_node=G`; the G processes train
+    data-parallel on the owner's data (each takes its 1/G of every batch, gradients averaged every step), and
+    after each round the owners' first processes unify across owners and hand the result to the rest
+    (unify_dist.hierarchy). WORLD_SIZE and each machine's process count must be multiples of G."""
+
     def problems(self) -> list[str]:
         out = []
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -350,6 +356,8 @@ class DistConfig:
             out.append("dist.device = 'cpu' with dist.backend = 'nccl': NCCL reduces GPU tensors only; use backend gloo")
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
+        if self.procs_per_owner < 1:
+            out.append(f"dist.procs_per_owner must be >= 1 (processes per owner), got {self.procs_per_owner}")
         return out
 
 
