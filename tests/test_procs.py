@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.world import cli, torchrun
@@ -37,6 +38,7 @@ def _run(tmp_path: Path, name: str, nproc: int, procs: int) -> tuple[list[dict],
     return records, torch.load(out / "final.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_owners_of_two_processes_train_as_two_single_process_owners(tmp_path: Path, data_root) -> None:
     single, single_final = _run(tmp_path, "single", nproc=2, procs=1)
     multi, multi_final = _run(tmp_path, "multi", nproc=4, procs=2)
@@ -53,11 +55,14 @@ def test_two_owners_of_two_processes_train_as_two_single_process_owners(tmp_path
         torch.testing.assert_close(weight, single_final["model"][name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_processes_that_do_not_divide_into_owners_are_refused_in_one_line(tmp_path: Path, data_root) -> None:
-    proc = cli(["train", *TINY, "--set", "dist.procs_per_owner=2", "--set", f"output.dir={tmp_path}"])
+    launch = ["launch", "--standalone", "--nproc_per_node=3", "--", "train", *TINY]
+    proc = cli([*launch, "--set", "dist.procs_per_owner=2", "--set", f"output.dir={tmp_path}"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if "unify-dist" in ln]
-    assert len(lines) == 1 and "dist.procs_per_owner = 2 but 1 processes" in lines[0] and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("unify-dist")]
+    assert len(lines) == 1 and "dist.procs_per_owner = 2 but 3 processes" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_settings_that_do_not_compose_with_owners_of_several_processes() -> None:

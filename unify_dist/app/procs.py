@@ -15,8 +15,7 @@ from typing import TypeVar
 import torch.distributed as dist
 
 from unify_dist.config import DistConfig
-from unify_dist.distributed import Context
-from unify_dist.errors import UserError
+from unify_dist.distributed import Context, agree
 from unify_dist.hierarchy import OwnerGroups, average_gradients, owner_groups
 
 __all__ = ["Procs", "owner_layout"]
@@ -58,17 +57,20 @@ class Procs:
 
 
 def owner_layout(cfg: DistConfig, ctx: Context) -> Procs:
-    """Check that the processes divide into owners of dist.procs_per_owner, then build the owners' groups
-    (a collective on every rank, only when G > 1). The same verdict on every rank: no agreement needed."""
+    """Check that the processes divide into owners of dist.procs_per_owner, then build the owners' groups.
+
+    With G > 1, collectives on every rank: the check is agreed on (machines may differ in their process
+    count, so one machine's refusal must stop the others too, in the same words), then the groups are made.
+    """
     g = cfg.procs_per_owner
     if g == 1:
         return Procs(1, ctx.world_size, ctx.rank, 0)
+    error = None
     if ctx.world_size % g or ctx.local_world_size % g:
-        raise UserError(
-            f"dist.procs_per_owner = {g} but {ctx.world_size} processes ({ctx.local_world_size} on this machine) do "
-            f"not divide into owners of {g}: start every owner with torchrun --nproc_per_node={g} (or a multiple of {g} "
-            "per machine), or set dist.procs_per_owner to the processes per owner"
-        )
+        error = (f"dist.procs_per_owner = {g} but {ctx.world_size} processes ({ctx.local_world_size} on this machine) "
+                 f"do not divide into owners of {g}: start every owner with torchrun --nproc_per_node={g} (or a "
+                 f"multiple of {g} per machine), or set dist.procs_per_owner to the processes per owner")  # fmt: skip
+    agree(error, ctx, "dividing the processes into owners")  # collective: UserError on every rank, or none
     groups = owner_groups(g)  # collective: the owners' groups and the leaders' group
     assert groups.owner_index == ctx.rank // g and dist.get_rank(groups.owner) == ctx.rank % g
     return Procs(g, groups.owners, groups.owner_index, ctx.rank % g, groups)
