@@ -63,7 +63,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     run_dir = Path(cfg.output.dir)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     torch.manual_seed(cfg.train.seed)
-    procs = owner_layout(cfg.dist, ctx)  # UserError: processes that do not divide into owners; G > 1: a collective
+    procs = owner_layout(cfg.dist, ctx, cfg.trust.enabled)  # collective; UserError: processes that do not divide into owners
     _announce(cfg, ctx, out, procs)
     reducer = _admit(cfg, ctx, out)  # collective with trust on: before any data-derived byte leaves
     if ctx.device.type == "cuda" and ctx.backend == "gloo":  # GPU training, gloo between owners

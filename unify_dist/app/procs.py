@@ -15,7 +15,8 @@ from typing import TypeVar
 import torch.distributed as dist
 
 from unify_dist.config import DistConfig
-from unify_dist.distributed import Context, agree
+from unify_dist.distributed import Context, agree, all_gather_floats, stage
+from unify_dist.errors import UserError
 from unify_dist.hierarchy import OwnerGroups, average_gradients, owner_groups
 
 __all__ = ["Procs", "owner_layout"]
@@ -56,13 +57,23 @@ class Procs:
             average_gradients(model, self.groups.owner)
 
 
-def owner_layout(cfg: DistConfig, ctx: Context) -> Procs:
+def owner_layout(cfg: DistConfig, ctx: Context, sealed: bool = False) -> Procs:
     """Check that the processes divide into owners of dist.procs_per_owner, then build the owners' groups.
 
-    With G > 1, collectives on every rank: the check is agreed on (machines may differ in their process
-    count, so one machine's refusal must stop the others too, in the same words), then the groups are made.
+    Collectives on every rank of a group of two or more, trust off (`sealed` False): first every process's
+    G, since a process that counted differently would join other collectives than its peers; with G > 1 the
+    division is agreed on (machines may differ in their process count, so one machine's refusal stops the
+    others too, in the same words), then the groups are made. With trust on G is 1 (refused otherwise on
+    load) and nothing crosses before admission.
     """
     g = cfg.procs_per_owner
+    if ctx.world_size > 1 and not sealed:
+        with stage("processes per owner", ctx):
+            said = [int(v) for (v,) in all_gather_floats([float(g)], ctx)]  # collective
+        if len(set(said)) > 1:
+            by_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(said))
+            raise UserError(f"dist.procs_per_owner differs between processes ({by_rank}); every owner must set the "
+                            "same, and start that many processes")  # fmt: skip
     if g == 1:
         return Procs(1, ctx.world_size, ctx.rank, 0)
     error = None
