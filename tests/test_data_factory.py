@@ -17,7 +17,7 @@ import torch
 from tests.test_bad_input import assert_one_clear_line, assert_workers_said
 from tests.world import cli, torchrun
 from unify_dist.config import DataConfig
-from unify_dist.data import Owner, Split, Stream, load_factory, load_owner_data
+from unify_dist.data import Owner, Split, Stream, dataset_problems, load_factory, load_owner_data
 from unify_dist.errors import UserError
 
 FACTORY = '''
@@ -136,7 +136,8 @@ def test_bad_factory_is_a_user_error(on_path: Path, spec: str, phrase: str) -> N
 def test_factory_string_must_name_module_and_function() -> None:
     for bad in ("ufac", "ufac:", ":owner_data"):
         assert any("is not 'module.path:function'" in p for p in DataConfig(factory=bad).problems())
-    assert DataConfig(factory="ufac:x", dataset="ignored", partition="ignored").problems() == []  # both ignored
+    ignored = DataConfig(factory="ufac:x", dataset="ignored", partition="ignored")
+    assert ignored.problems() == [] and dataset_problems(ignored) == []  # both ignored
 
 
 # Through the real CLI (one owner, no torchrun): each case is one line on stderr and exit code 2.

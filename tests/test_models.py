@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tests.world import cli
+from unify_dist.app.config import RunConfig
 from unify_dist.config import ModelConfig
 from unify_dist.errors import UserError
 from unify_dist.models import MODELS, build_model, load_factory, register_model
@@ -51,7 +52,7 @@ def test_image_models_refuse_tabular_rows_naming_what_to_use():
 
 
 def test_register_model_refuses_duplicates_and_config_reads_the_registry():
-    assert ModelConfig(name="tiny_for_test").problems() == [
+    assert RunConfig(model=ModelConfig(name="tiny_for_test")).problems() == [
         "model.name = 'tiny_for_test' is not known; choose one of: " + ", ".join(MODELS)
     ]
 
@@ -60,7 +61,7 @@ def test_register_model_refuses_duplicates_and_config_reads_the_registry():
         return nn.Linear(in_shape[0], num_classes)
 
     try:
-        assert ModelConfig(name="tiny_for_test").problems() == []
+        assert RunConfig(model=ModelConfig(name="tiny_for_test")).problems() == []
         assert build_model(ModelConfig(name="tiny_for_test"), (4,), 3).weight.shape == (3, 4)
         with pytest.raises(ValueError, match="model 'tiny_for_test' is registered twice"):
             register_model("tiny_for_test")(tiny)

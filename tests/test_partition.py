@@ -54,8 +54,9 @@ def test_real_owner_shares(data_root) -> None:
 
 
 def test_registries_refuse_duplicates_and_config_reads_them() -> None:
+    from unify_dist.app.config import RunConfig
     from unify_dist.config import DataConfig
-    from unify_dist.data import DATASETS, PARTITIONS, register_dataset, register_partition
+    from unify_dist.data import DATASETS, PARTITIONS, dataset_problems, register_dataset, register_partition
 
     assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "folder"}
     assert set(PARTITIONS) == {"iid", "label_split", "dirichlet", "folder"}
@@ -63,12 +64,12 @@ def test_registries_refuse_duplicates_and_config_reads_them() -> None:
         register_partition("iid")(lambda labels, owners, rng, **_: [])
     with pytest.raises(ValueError, match="registered twice"):
         register_dataset("mnist")(lambda cfg, owner, device, group: None)
-    assert any("data.partition = 'halves' is not known" in p for p in DataConfig(partition="halves").problems())
+    assert any("data.partition = 'halves' is not known" in p for p in RunConfig(data=DataConfig(partition="halves")).problems())
     try:
         register_partition("halves")(lambda labels, owners, rng, **_: np.array_split(np.arange(len(labels)), owners))
-        assert DataConfig(partition="halves").problems() == []  # a registered name is valid at once
+        assert RunConfig(data=DataConfig(partition="halves")).problems() == []  # a registered name is valid at once
         assert [len(p) for p in partition(LABELS, "halves", 2, seed=0)] == [2500, 2500]
-        mismatch = DataConfig(dataset="folder", partition="halves", folder="x").problems()
+        mismatch = dataset_problems(DataConfig(dataset="folder", partition="halves", folder="x"))
         assert mismatch[0].endswith("takes partition 'folder'")
     finally:
         PARTITIONS.pop("halves", None)

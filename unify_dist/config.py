@@ -73,29 +73,15 @@ class DataConfig:
         return out
 
     def _source_problems(self) -> list[str]:
-        """Where the data comes from: a factory string, or a registered dataset with a partition that fits it."""
-        from unify_dist.data import DATASETS, PARTITIONS  # late: data imports this module
-
+        """Where the data comes from, as far as it is plain values: the factory string's form. Whether
+        data.dataset and data.partition name registered ones is data.py's to say (unify_dist.data.dataset_problems):
+        the registries live there, above this module."""
         out = [] if self.workers >= 0 else [f"data.workers must be >= 0 (0: load in the training process), got {self.workers}"]
         if self.factory:
             module, sep, attr = self.factory.partition(":")
             if not (sep and module and attr):
                 out.append(f"data.factory = '{self.factory}' is not 'module.path:function'; write e.g. 'my_pkg.data:owner_data'")
-            return out
-        if self.dataset not in DATASETS:
-            out.append(choice("data.dataset", self.dataset, tuple(DATASETS)))
-        if self.partition not in PARTITIONS:
-            out.append(choice("data.partition", self.partition, tuple(PARTITIONS)))
-        if out:
-            return out
-        dataset, scheme = DATASETS[self.dataset], PARTITIONS[self.partition]
-        if dataset.owner_held != scheme.owner_held:
-            held = [n for n, p in PARTITIONS.items() if p.owner_held]
-            shared = [n for n, p in PARTITIONS.items() if not p.owner_held]
-            takes = held if dataset.owner_held else shared
-            out.append(f"data.dataset = '{self.dataset}' and data.partition = '{self.partition}' do not go together: "
-                       f"'{self.dataset}' takes partition {' or '.join(repr(t) for t in takes)}")  # fmt: skip
-        return out + (dataset.problems(self) if dataset.problems else [])
+        return out
 
     def resolved_root(self) -> Path:
         return Path(os.environ.get(DATA_ROOT_ENV) or self.root).expanduser()
@@ -118,11 +104,8 @@ class ModelConfig:
     returning an nn.Module; {rank} and {owner} in it become the owner's rank and name. Set, it wins over name."""
 
     def problems(self) -> list[str]:
-        from unify_dist.models import MODELS  # late: models imports this module
-
+        """The plain values; whether model.name is registered is models.py's to say (unify_dist.models.model_problems)."""
         out = []
-        if self.name not in MODELS:
-            out.append(choice("model.name", self.name, tuple(MODELS)))
         module, sep, attr = self.factory.partition(":")
         if self.factory and not (sep and module and attr):
             out.append(
@@ -357,6 +340,12 @@ class DistConfig:
     collective staged through pinned host memory (NCCL across NAT and WAN links is fragile; with trust on
     the sealed ring needs host bytes anyway)."""
 
+    procs_per_owner: int = 1
+    """Processes per owner (G): launch each owner with `torchrun --nproc_per_node=G`; the G processes train
+    data-parallel on the owner's data (each takes its 1/G of every batch, gradients averaged every step), and
+    after each round the owners' first processes unify across owners and hand the result to the rest
+    (unify_dist.hierarchy). WORLD_SIZE and each machine's process count must be multiples of G."""
+
     def problems(self) -> list[str]:
         out = []
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -367,6 +356,8 @@ class DistConfig:
             out.append("dist.device = 'cpu' with dist.backend = 'nccl': NCCL reduces GPU tensors only; use backend gloo")
         if self.timeout_s <= 0:
             out.append(f"dist.timeout_s must be > 0, got {self.timeout_s}")
+        if self.procs_per_owner < 1:
+            out.append(f"dist.procs_per_owner must be >= 1 (processes per owner), got {self.procs_per_owner}")
         return out
 
 

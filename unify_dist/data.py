@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.utils.data
 from torch import Tensor
 
-from unify_dist.config import DataConfig
+from unify_dist.config import DataConfig, choice
 from unify_dist.errors import UserError
 from unify_dist.wire import WireError, gather_json
 
@@ -41,6 +41,7 @@ __all__ = [
     "Stream",
     "OwnerData",
     "DatasetSpec",
+    "dataset_problems",
     "PartitionSpec",
     "DATASETS",
     "PARTITIONS",
@@ -326,6 +327,29 @@ def register_dataset(
     return wrap
 
 
+def dataset_problems(cfg: DataConfig) -> list[str]:
+    """data.dataset and data.partition against the registries: known names that go together, and the named
+    dataset's own settings. Empty with data.factory (both are ignored then). The program checks this on
+    config load (unify_dist.app.config), beside DataConfig.problems(); load_owner_data checks it too."""
+    if cfg.factory:
+        return []
+    out = []
+    if cfg.dataset not in DATASETS:
+        out.append(choice("data.dataset", cfg.dataset, tuple(DATASETS)))
+    if cfg.partition not in PARTITIONS:
+        out.append(choice("data.partition", cfg.partition, tuple(PARTITIONS)))
+    if out:
+        return out
+    dataset, scheme = DATASETS[cfg.dataset], PARTITIONS[cfg.partition]
+    if dataset.owner_held != scheme.owner_held:
+        held = [n for n, p in PARTITIONS.items() if p.owner_held]
+        shared = [n for n, p in PARTITIONS.items() if not p.owner_held]
+        takes = held if dataset.owner_held else shared
+        out.append(f"data.dataset = '{cfg.dataset}' and data.partition = '{cfg.partition}' do not go together: "
+                   f"'{cfg.dataset}' takes partition {' or '.join(repr(t) for t in takes)}")  # fmt: skip
+    return out + (dataset.problems(cfg) if dataset.problems else [])
+
+
 # ---------------------------------------------------------------- partitions
 
 
@@ -418,6 +442,9 @@ def load_owner_data(cfg: DataConfig, owner: Owner, device: torch.device, group: 
     """
     if cfg.factory:
         return _from_factory(cfg, owner, device)
+    problems = dataset_problems(cfg)
+    if problems:  # a library caller's config that the program's load would have refused
+        raise UserError("; ".join(problems))
     load = DATASETS[cfg.dataset].load
     if reducer is not None and "reducer" in inspect.signature(load).parameters:
         return load(cfg, owner, device, group, reducer=reducer)

@@ -30,7 +30,9 @@ import torch.distributed as dist
 from torch import nn
 
 from unify_dist.collectives import tail_size, verify_identical
+from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
+from unify_dist.roles import LOCAL
 from unify_dist.unifier import Unifier, UnifyOutcome
 from unify_dist.wire import WireError, broadcast_bytes
 
@@ -77,17 +79,23 @@ def owner_groups(procs_per_owner: int) -> OwnerGroups:
 
 
 def average_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Data-parallel inside an owner: every process's gradients become their mean (one all_reduce)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    """Data-parallel inside an owner: every process's gradients become their mean (one all_reduce).
+
+    Every parameter that requires grad takes part, a missing gradient as zeros (a process whose share of a
+    batch was empty): the processes must put the same layout into the all_reduce."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, group=group)  # collective over the owner's processes
     flat.div_(dist.get_world_size(group))
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 class HierarchicalUnifier:
@@ -96,7 +104,7 @@ class HierarchicalUnifier:
     Build it on every rank, after `same_start(model)` over all ranks. The processes of one owner must hold
     the same weights when `unify` is called (they do when they average gradients every step). `unify` is a
     collective over all ranks and returns the leaders' outcome on every rank, with the digest checked over
-    every rank of every owner.
+    every rank of every owner (`digests`: every rank's, rank order).
     """
 
     def __init__(self, model: nn.Module, groups: OwnerGroups, rule: str = "avg", **options: Any):
@@ -108,18 +116,42 @@ class HierarchicalUnifier:
             self.unifier = None
             self.flat = FlatState(model, tail=tail_size(groups.owners, model))
 
-    def unify(self, weight: float = 1.0, **kwargs: Any) -> UnifyOutcome:
-        """Leaders unify across owners; each owner's processes take their leader's result. A collective."""
+    @classmethod
+    def over(cls, flat: FlatState, cfg: UnifyConfig, groups: OwnerGroups) -> "HierarchicalUnifier":
+        """Over an existing FlatState (laid out with tail_size(groups.owners)) whose ranks already hold the same
+        weights (the program's round loop): no check, no collective. The leaders' Unifier takes `cfg`."""
+        self = cls.__new__(cls)
+        self.groups, self.flat = groups, flat
+        self.unifier = Unifier.over(flat, cfg, group=groups.leaders) if groups.leaders is not None else None
+        return self
+
+    @property
+    def owner_steps(self) -> list[Any]:
+        """The leader's owner-side steps (clipping, DP noise): an owner releases its update once, from its leader."""
+        return self.unifier.owner_steps if self.unifier is not None else []
+
+    def unify(self, weight: float = 1.0, *, verify: bool = True, **kwargs: Any) -> UnifyOutcome:
+        """Leaders unify across owners; each owner's processes take their leader's result. A collective.
+
+        kwargs go to the leaders' Unifier.unify (rule, commit, steps). The hand-over carries every tensor the
+        leader's unify may change (the float, narrow and integer buffers) and the tensors each owner keeps
+        local: an owner's processes leave the call with their leader's bits, local ones included."""
         mine = None
         if self.unifier is not None:
             mine = self.unifier.unify(weight, verify=False, **kwargs)  # collective over the leaders
-        dist.broadcast(self.flat.values, src=self.groups.leader, group=self.groups.owner)  # collective
-        dist.broadcast(self.flat.ints, src=self.groups.leader, group=self.groups.owner)
+        src, owner = self.groups.leader, self.groups.owner
+        for t in (self.flat.values, *self.flat.narrow.values(), self.flat.ints):
+            dist.broadcast(t, src=src, group=owner)  # collective over the owner's processes
+        self.flat.push_ints()  # the leader's integer buffers (int32, ...) into this process's tensors
+        for name in self.flat.roles.names(LOCAL):
+            dist.broadcast(self.flat.roles.tensors[name].data, src=src, group=owner)  # collective
         # the leader's outcome as JSON (never a pickle); the leader is rank 0 of its owner group
         text = json.dumps(dataclasses.asdict(mine)).encode() if mine is not None else None
-        outcome = _outcome(broadcast_bytes(text, 0, self.groups.owner, limit=1 << 20, what="a unify outcome"))  # collective
+        outcome = _outcome(broadcast_bytes(text, 0, owner, limit=1 << 20, what="a unify outcome"))  # collective
+        if not verify:
+            return outcome
         digests = verify_identical(self.flat)  # collective over every rank of every owner
-        return replace(outcome, digest=digests[0])
+        return replace(outcome, digest=digests[0], digests=digests)
 
     def state_dict(self) -> dict[str, Any]:
         return self.unifier.state_dict() if self.unifier is not None else {}

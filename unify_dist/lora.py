@@ -27,36 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from unify_dist.roles import RoleError
-from unify_dist.rules import avg, register_rule
+from unify_dist.rules import LORA_RULES, avg
 
 __all__ = [
     "LORA_RULES", "LoraPair", "lora_pairs", "prepare_lora", "separate", "exact", "ffa", "residual", "delta_w",
     "relative_error", "unify_exact", "check_exact_roles",
 ]  # fmt: skip
 
-LORA_RULES = ("lora_separate", "lora_exact", "lora_ffa")
-"""The registered rules that need adapter pairs in the model (ValueError on a model without them)."""
-
-# Through the unify layer, lora_separate and lora_ffa are avg over the unified tensors (for lora_ffa the
-# A factors are frozen, so only B travels); lora_exact is the Unifier's own path (unify_exact below).
-
-
-@register_rule("lora_separate", collective="sum")
-def lora_separate(stacked: Tensor, weights: Tensor) -> Tensor:
-    """Every unified tensor averaged on its own, adapter factors included (FlowerTune): avg."""
-    return avg(stacked, weights)
-
-
-@register_rule("lora_ffa", collective="sum")
-def lora_ffa(stacked: Tensor, weights: Tensor) -> Tensor:
-    """avg over the unified tensors, which hold no lora_A: they are frozen (FFA-LoRA)."""
-    return avg(stacked, weights)
-
-
-@register_rule("lora_exact", collective="gather")
-def lora_exact(stacked: Tensor, weights: Tensor) -> Tensor:
-    """avg over the unified tensors; the Unifier then folds each pair's residual into its base (unify_exact)."""
-    return avg(stacked, weights)
+# The three rules are registered in unify_dist.rules with the others (the registry owns every rule's name,
+# and rules import nothing from here): through the unify layer lora_separate and lora_ffa are avg over the
+# unified tensors (for lora_ffa the A factors are frozen, so only B travels); lora_exact is the Unifier's
+# own path (unify_exact below).
 
 
 @dataclass(frozen=True)

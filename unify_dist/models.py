@@ -17,10 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from unify_dist.config import ModelConfig
+from unify_dist.config import ModelConfig, choice
 from unify_dist.errors import UserError
 
-__all__ = ["MODELS", "ModelBuilder", "register_model", "build_model", "load_factory", "check_output_size", "PaperCNN"]
+__all__ = ["MODELS", "ModelBuilder", "register_model", "model_problems", "build_model", "load_factory", "check_output_size", "PaperCNN"]
 
 ModelBuilder = Callable[..., nn.Module]
 """fn(*, in_shape: tuple[int, ...], num_classes: int[, hidden: int]) -> nn.Module"""
@@ -101,6 +101,14 @@ def resnet18(*, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return model
 
 
+def model_problems(cfg: ModelConfig) -> list[str]:
+    """model.name against the registry. The program checks this on config load (unify_dist.app.config),
+    beside ModelConfig.problems(); build_model checks it too."""
+    if cfg.name in MODELS:
+        return []
+    return [choice("model.name", cfg.name, tuple(MODELS))]
+
+
 def build_model(
     cfg: ModelConfig,
     in_shape: tuple[int, ...] | int,
@@ -123,6 +131,8 @@ def build_model(
     shape = tuple(int(s) for s in in_shape)
     if cfg.factory:
         return _from_factory(cfg.factory, shape, num_classes, rank, owner or f"rank{rank}")
+    if cfg.name not in MODELS:  # a library caller's config that the program's load would have refused
+        raise UserError(model_problems(cfg)[0])
     builder = MODELS[cfg.name]
     if "hidden" in inspect.signature(builder).parameters:
         model = builder(in_shape=shape, num_classes=num_classes, hidden=cfg.hidden)

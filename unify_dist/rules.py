@@ -31,6 +31,7 @@ __all__ = [
     "Rule",
     "RuleSpec",
     "register_rule",
+    "LORA_RULES",
     "avg",
     "weighted_avg",
     "max_rule",
@@ -285,5 +286,26 @@ def server_step(delta: Tensor, momentum: Tensor | None, beta: float, lr: float) 
     m = momentum * beta + delta
     return m * lr, m
 
-# The LoRA rules (unify_dist.lora) register themselves; imported last, as they use register_rule and avg.
-from unify_dist import lora as _lora  # noqa: E402, F401
+# ------------------------------------------------------------------ LoRA adapters (unify_dist.lora)
+
+LORA_RULES = ("lora_separate", "lora_exact", "lora_ffa")
+"""The registered rules that need adapter pairs in the model (ValueError on a model without them); their
+maths and set-up live in unify_dist.lora, which imports this module (never the other way round)."""
+
+
+@register_rule("lora_separate", collective="sum")
+def lora_separate(stacked: Tensor, weights: Tensor) -> Tensor:
+    """Every unified tensor averaged on its own, adapter factors included (FlowerTune): avg."""
+    return avg(stacked, weights)
+
+
+@register_rule("lora_ffa", collective="sum")
+def lora_ffa(stacked: Tensor, weights: Tensor) -> Tensor:
+    """avg over the unified tensors, which hold no lora_A: they are frozen (FFA-LoRA)."""
+    return avg(stacked, weights)
+
+
+@register_rule("lora_exact", collective="gather")
+def lora_exact(stacked: Tensor, weights: Tensor) -> Tensor:
+    """avg over the unified tensors; the Unifier then folds each pair's residual into its base (unify_exact)."""
+    return avg(stacked, weights)

@@ -68,6 +68,7 @@ def train_epoch(
     max_steps: int = 0,
     logit_scale: Tensor | None = None,
     stop: Callable[[], bool] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> float:
     """One pass over `data` in a seeded order; returns the mean training loss.
 
@@ -77,21 +78,38 @@ def train_epoch(
     max_steps batches); logit_scale (one factor per class) multiplies the logits inside the loss only (FedRS);
     stop, asked after every step, ends the pass early when it says so (a wall-clock budget: the steps taken
     are still the seeded order's first ones, so a count replays them exactly).
+
+    part = (p, G): one of G processes that train one owner data-parallel (unify_dist.app.procs). Each walks
+    the same batches and trains on rows p, p + G, ... of each; its loss is its rows' summed loss over the
+    batch size times G, so that the mean of the G processes' gradients (on_grads averages them) is the
+    batch's mean gradient even when G does not divide a batch. The loss returned is this process's rows'.
     """
+    share, shares = part
     model.train()
     order = torch.randperm(len(data), generator=generator)
     end = min(len(data), max_steps * batch_size) if max_steps else len(data)
     total = torch.zeros((), device=data.device)
     seen = 0
     for x, y in data.batches(order[:end], batch_size, generator):
+        whole = len(y)
+        if shares > 1:  # this process's rows of the batch (the batch is read whole: the same order everywhere)
+            x, y = x[share::shares], y[share::shares]
         logits = model(x)
         if logit_scale is not None:
             logits = logits * logit_scale
-        loss = F.cross_entropy(logits, y)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        if shares == 1:
+            loss = F.cross_entropy(logits, y)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            trained = loss
+        else:
+            summed = F.cross_entropy(logits, y, reduction="sum")  # 0 for an empty share
+            loss, trained = summed / max(len(y), 1), summed * (shares / whole)  # reported; its part of G x the mean
+            if extra_loss is not None:
+                extra = extra_loss()
+                loss, trained = loss + extra, trained + extra
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        trained.backward()
         if on_grads is not None:
             on_grads()  # e.g. SCAFFOLD's drift correction, between backward and step
         optimizer.step()

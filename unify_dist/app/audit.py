@@ -163,7 +163,8 @@ def _chain_problems(seen: list[_Seen]) -> list[str]:
 
 
 def _digest_problems(where: str, record: dict[str, Any]) -> list[str]:
-    digests = [o.get("digest") for o in record.get("owners", [])]
+    owners = record.get("owners", [])  # an owner of several processes lists every process's digest too
+    digests = [o.get("digest") for o in owners] + [d for o in owners for d in o.get("process_digests", [])]
     if not digests or any(d != record.get("digest") for d in digests):
         return [f"{where}: owners' digests differ or are missing ({digests}; the record says {record.get('digest')})"]
     return []

@@ -42,9 +42,11 @@ def save_atomic(obj: Any, path: Path) -> None:
 class Checkpointer:
     """One owner's round checkpoints: save, keep the newest `keep`, find the newest readable ones."""
 
-    def __init__(self, run_dir: Path, owner: str, keep: int, warn: Callable[[str], None]):
+    def __init__(self, run_dir: Path, owner: str, keep: int, warn: Callable[[str], None], writer: bool = True):
         self.dir = run_dir / "checkpoints" / owner
         self.keep, self.warn = keep, warn
+        self.writer = writer
+        """False: another process of the same owner (its leader) writes this owner's files; this one only reads."""
 
     def path(self, round_: int) -> Path:
         return self.dir / f"round_{round_:05d}.pt"
@@ -57,6 +59,8 @@ class Checkpointer:
         return sorted(found, reverse=True)
 
     def save(self, round_: int, state: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         save_atomic({**state, "round": round_}, self.path(round_))
         for old in self.rounds()[self.keep :]:
             self.path(old).unlink(missing_ok=True)
@@ -90,6 +94,8 @@ class Checkpointer:
         return found
 
     def clear(self) -> None:
+        if not self.writer:
+            return
         for r in self.rounds():
             self.path(r).unlink(missing_ok=True)
 

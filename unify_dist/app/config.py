@@ -82,12 +82,17 @@ class RunConfig:
     models (unify_dist.register_rule, register_model) that the rest of the config then names."""
 
     def problems(self) -> list[str]:
+        # the registries' checks from their own modules: they sit above unify_dist.config, which imports neither
+        from unify_dist.data import dataset_problems
+        from unify_dist.models import model_problems
+
         out = []
         for f in fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
-                out += section.problems()
-        return out + _overlap_problems(self)
+                registry = {"data": dataset_problems, "model": model_problems}.get(f.name)
+                out += (registry(section) if registry else []) + section.problems()
+        return out + _overlap_problems(self) + _procs_problems(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +112,26 @@ def _overlap_problems(cfg: RunConfig) -> list[str]:
     if cfg.dist.device == "cuda" or cfg.dist.backend == "nccl":
         out.append("unify.overlap runs on CPU owners over gloo (a second gloo group for the background unify); set "
                    "dist.device = 'cpu' and dist.backend = 'gloo', or overlap = false")  # fmt: skip
+    return out
+
+
+def _procs_problems(cfg: RunConfig) -> list[str]:
+    """dist.procs_per_owner > 1 against the other sections: what an owner of several processes cannot run."""
+    if cfg.dist.procs_per_owner <= 1:
+        return []
+    g, out = f"dist.procs_per_owner = {cfg.dist.procs_per_owner}", []
+    if cfg.trust.enabled:
+        out.append(f"{g} with trust.enabled: admission and the sealed ring give every process a roster identity "
+                   "and a place in the ring, and an owner of several processes has one identity; set procs_per_owner = 1")  # fmt: skip
+    if cfg.unify.overlap:
+        out.append(f"{g} with unify.overlap: the background unify runs on its own group of every process, while an "
+                   "owner's processes must take their leader's result in step; set one of them off")  # fmt: skip
+    if cfg.train.round_seconds > 0:
+        out.append(f"{g} with train.round_seconds: an owner's processes average gradients every step, so they must "
+                   "stop after the same step, and each reads its own clock; use train.local_steps")  # fmt: skip
+    if cfg.dist.device == "cuda" and cfg.dist.backend != "nccl":
+        out.append(f"{g} with dist.device = 'cuda' over gloo: the leaders' unify is not staged through host memory; "
+                   "use dist.backend = 'nccl' for GPU owners of several processes")  # fmt: skip
     return out
 
 

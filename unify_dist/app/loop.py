@@ -27,6 +27,7 @@ from unify_dist.app.checkpoint import Checkpointer, MetricsLog, save_atomic
 from unify_dist.app.config import RunConfig
 from unify_dist.app.finished import is_finished, say_finished
 from unify_dist.app.owners import Membership, agree_on_owners
+from unify_dist.app.procs import Procs, owner_layout
 from unify_dist.app.consistency import check_consistency, fingerprint, shared_config
 from unify_dist.app.console import Reporter
 from unify_dist.app.record import chain, fingerprint_hash, sign_round
@@ -35,6 +36,7 @@ from unify_dist.data import Owner, OwnerData, check_owner_count, load_owner_data
 from unify_dist.distributed import Context, agree, all_gather_floats, stage
 from unify_dist.errors import UserError
 from unify_dist.flat import FlatState
+from unify_dist.hierarchy import HierarchicalUnifier
 from unify_dist.models import build_model, check_output_size
 from unify_dist.rules import SPECS
 from unify_dist.privacy import dp_epsilon, dp_statement, privacy_statement
@@ -61,7 +63,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     run_dir = Path(cfg.output.dir)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     torch.manual_seed(cfg.train.seed)
-    _announce(cfg, ctx, out)
+    procs = owner_layout(cfg.dist, ctx, cfg.trust.enabled)  # collective; UserError: processes that do not divide into owners
+    _announce(cfg, ctx, out, procs)
     reducer = _admit(cfg, ctx, out)  # collective with trust on: before any data-derived byte leaves
     if ctx.device.type == "cuda" and ctx.backend == "gloo":  # GPU training, gloo between owners
         reducer = HostStaged(reducer)  # every unify collective on pinned host copies (the ring seals host bytes)
@@ -71,11 +74,12 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     named = cfg.trust.owner.replace("{rank}", str(ctx.rank)) if cfg.trust.enabled else ""  # admitted by it
     # From here on every collective takes `reducer`: None, the group's own (trust off: in the clear);
     # else the sealed ring (trust on) and/or host staging. No metadata crosses as a pickle either way.
-    members = agree_on_owners(cfg.train, ctx, out.info, named, reducer=reducer)  # collective: who is here, by name
+    # collective: who is here, by name (an owner of several processes: one name for all of them)
+    members = agree_on_owners(cfg.train, ctx, out.info, named, reducer=reducer, procs=procs.per_owner)
     if ctx.watch is not None:
-        ctx.watch.names = members.present  # a peer's death is then reported by the owner's name
-    data = load_data(cfg, ctx, members, reducer)
-    model = build_model(cfg.model, data.in_shape, data.num_classes, rank=ctx.rank, owner=members.name).to(ctx.device)
+        ctx.watch.names = procs.names_by_rank(members.present)  # a peer's death is then reported by the owner's name
+    data = load_data(cfg, ctx, members, reducer, procs)
+    model = build_model(cfg.model, data.in_shape, data.num_classes, rank=procs.owner, owner=members.name).to(ctx.device)
     sample, _ = next(iter(data.train.batches(None, 2)))
     check_output_size(model, sample.to(ctx.device), data.num_classes, cfg.model)  # UserError: not one logit per class
     with stage("consistency check", ctx):
@@ -85,17 +89,17 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     config_hash = fingerprint_hash(fingerprint(cfg, model, data.classes))  # what every owner checked equal
     prepare_lora(model, cfg.unify.rule)  # UserError: a LoRA rule without adapters; lora_ffa freezes every lora_A
     roles = role_table(model, cfg.unify.frozen, cfg.unify.local, source="unify.")  # UserError: a pattern matches nothing
-    flat = FlatState(model, tail=tail_size(ctx.world_size, model), roles=roles)  # only unified tensors travel
+    flat = FlatState(model, tail=tail_size(procs.owners, model), roles=roles)  # only unified tensors travel
     with stage("tensor roles", ctx):
         check_same_roles(roles, reducer=reducer)  # collective: the same tensors unified, frozen and local on every owner
     out.info(roles.describe())
-    state = TrainState(cfg, model, _unifier(cfg, ctx, model, flat, reducer))
+    state = TrainState(cfg, model, _unifier(cfg, ctx, model, flat, reducer, procs))
     if state.scaffold is not None:
         state.scaffold.reducer = reducer  # SCAFFOLD's all_reduce of c_i goes the same way
-    ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn)
+    ckpt = Checkpointer(run_dir, members.name, cfg.output.keep_checkpoints, out.warn, writer=procs.is_leader)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
-    start = _resume(cfg, ctx, ckpt, state, members, out)
-    _check_budget(cfg, ctx, state.unifier, start, members)  # collective
+    start = _resume(cfg, ctx, ckpt, state, members, out, procs, reducer)
+    _check_budget(cfg, ctx, state.unifier, start, members, reducer)  # collective
     metrics.keep_until(start)
     finished = is_finished(cfg, state.records, start)  # the same records on every rank: the same verdict
     if finished:
@@ -110,7 +114,7 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
         if cfg.unify.overlap:
             state.unifier.begin_round()  # this owner's own weights back (between rounds: the unified state)
         plan = budget.plan(cfg.train, round_, members.name, replay, state.records, cfg.unify.overlap)
-        loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan)
+        loss, steps = _train_locally(cfg, members.index, state, data, round_, out, plan, procs)
         clock.trained()
         local = _evaluate_local(cfg, model, data)
         for hook in hooks:
@@ -118,7 +122,8 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
 
         # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
         candidates = _candidates(cfg, ctx, state.unifier, model, data, round_)
-        rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_) if cfg.unify.rule == "auto" else cfg.unify.rule
+        auto = cfg.unify.rule == "auto"
+        rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_, reducer) if auto else cfg.unify.rule
         with stage(f"unify ({rule}) in round {round_}", ctx):
             outcome = state.unifier.unify(float(len(data.train)), rule=rule, steps=steps)  # collective, digests compared
         for r in outcome.skipped:
@@ -128,12 +133,13 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
 
         # 3. Evaluate the unified model on every owner's validation split and test shard; record the round.
         record, budgets = _evaluate_unified(cfg, ctx, model, data, round_, loss, local, candidates, outcome, reducer,
-                                            _budget(cfg, state.unifier))  # fmt: skip
+                                            _budget(cfg, state.unifier), procs)  # fmt: skip
         _name_owners(record, members, state.records)
         if roles.names("local"):
             record["local_tensors"] = roles.names("local")  # kept per owner: not unified, not in the digest
         with stage(f"step counts in round {round_}", ctx):  # collective: every owner's steps and times, recorded
-            budget.add_to_record(record, budget.agree_counts(clock.counts(steps), ctx.wire_device, reducer))
+            counts = budget.agree_counts(clock.counts(steps), ctx.wire_device, reducer)
+            budget.add_to_record(record, procs.leaders(counts))  # one row per owner
         _bind(record, cfg, config_hash, state.records)  # after every field is in: the signature covers them all
         sign_round(record, reducer)  # collective with trust on: every owner signs the same record, sealed
         state.records.append(record)
@@ -160,9 +166,14 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
     return state.records
 
 
-def _unifier(cfg: RunConfig, ctx: Context, model: nn.Module, flat: FlatState, reducer) -> Unifier | OverlappedUnifier:
+def _unifier(cfg: RunConfig, ctx: Context, model: nn.Module, flat: FlatState, reducer,
+             procs: Procs) -> Unifier | OverlappedUnifier | HierarchicalUnifier:  # fmt: skip
     """The round's unifier: plain, or with unify.overlap one that unifies in the background on a second group
-    (trust on is refused with overlap before this: the sealed ring is the main group's)."""
+    (trust on is refused with overlap before this: the sealed ring is the main group's), or with owners of
+    several processes one whose leaders unify and hand the result on (trust, overlap and host staging are
+    refused with it on config load: the reducer is the group's own)."""
+    if procs.groups is not None:
+        return HierarchicalUnifier.over(flat, cfg.unify, procs.groups)
     if not cfg.unify.overlap:
         return Unifier.over(flat, cfg.unify, reducer=reducer)
     if ctx.device.type != "cpu":
@@ -172,15 +183,17 @@ def _unifier(cfg: RunConfig, ctx: Context, model: nn.Module, flat: FlatState, re
     return OverlappedUnifier(model, flat, cfg.unify, group)
 
 
-def _announce(cfg: RunConfig, ctx: Context, out: Reporter) -> None:
+def _announce(cfg: RunConfig, ctx: Context, out: Reporter, procs: Procs) -> None:
     """The start-up lines: who, what, and what each owner will learn about the others."""
-    owners = f"{ctx.world_size} owner{'' if ctx.world_size == 1 else 's'}"
+    owners = f"{procs.owners} owner{'' if procs.owners == 1 else 's'}"
+    if procs.per_owner > 1:
+        owners += f" of {procs.per_owner} processes each (data-parallel inside an owner)"
     out.info(
         f"unify-dist: {owners}, backend {ctx.backend}{_staged(ctx)}, rule {cfg.unify.rule}, "
         f"{cfg.data.dataset}/{cfg.data.partition}, model {cfg.model.name}, run dir {cfg.output.dir}"
     )
     candidates = tuple(cfg.unify.compare) or AUTO_DEFAULT
-    out.info(privacy_statement(cfg.unify.rule, ctx.world_size, cfg.unify.absmax_impl, candidates))
+    out.info(privacy_statement(cfg.unify.rule, procs.owners, cfg.unify.absmax_impl, candidates))
     u = cfg.unify
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
@@ -211,7 +224,8 @@ def _over_budget(next_round: int, budgets: list[list[float]], names: list[str], 
     return f"privacy budget: round {next_round} would take {said} (delta {delta:g})"
 
 
-def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, members: Membership) -> None:
+def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, members: Membership,
+                  reducer=None) -> None:  # fmt: skip
     """Before the first round this process runs (fresh or resumed): every owner can afford it, or every
     owner stops with one line (an agreement: a collective on every rank, whatever its settings)."""
     error = None
@@ -225,7 +239,7 @@ def _check_budget(cfg: RunConfig, ctx: Context, unifier: Unifier, start: int, me
             said = _over_budget(start + 1, [[ok, after, cap]], [members.name], cfg.unify.dp_delta)
             error = f"{said}: the run's budget is spent after round {start}; raise unify.dp_max_epsilon to go on"
     with stage("privacy budget check", ctx):
-        agree(error, ctx, "checking the privacy budget", unifier.core.reducer)  # collective (sealed with trust on)
+        agree(error, ctx, "checking the privacy budget", reducer)  # collective (sealed with trust on)
 
 
 def _staged(ctx: Context) -> str:
@@ -273,13 +287,16 @@ def _gather_figures(values: list[float], ctx: Context, reducer: SealedRing | Non
     return [t.tolist() for t in out]
 
 
-def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: SealedRing | None = None) -> OwnerData:
+def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: SealedRing | None = None,
+              procs: Procs | None = None) -> OwnerData:  # fmt: skip
     """One process per machine fetches or unpacks the files; then every owner loads its own share.
 
     Failures are agreed on (a collective) so that one owner's missing files stop everyone at once. Every
-    collective here goes through `reducer` when given (trust on: sealed).
+    collective here goes through `reducer` when given (trust on: sealed). Every process of an owner loads the
+    owner's whole share (procs: the owner, not the rank, picks the share and the test shard).
     """
-    check_owner_count(cfg.data, ctx.world_size)  # the same verdict on every rank: no agreement needed
+    owners, owner = (procs.owners, procs.owner) if procs is not None else (ctx.world_size, ctx.rank)
+    check_owner_count(cfg.data, owners)  # the same verdict on every rank: no agreement needed
     error = None
     if ctx.local_rank == 0:
         try:
@@ -290,8 +307,8 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: Sealed
         agree(error, ctx, "preparing the dataset", reducer)
     data, error = None, None
     try:
-        owner = Owner(ctx.rank, ctx.world_size, cfg.train.seed, members.name, members.index, len(members.roster))
-        data = load_owner_data(cfg.data, owner, ctx.device, reducer=reducer)  # folder: a collective agrees on the class list
+        who = Owner(owner, owners, cfg.train.seed, members.name, members.index, len(members.roster))
+        data = load_owner_data(cfg.data, who, ctx.device, reducer=reducer)  # folder: a collective agrees on the class list
     except UserError as e:
         error = str(e)
     with stage("dataset loading", ctx):
@@ -299,6 +316,7 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: Sealed
     assert data is not None
     with stage("training image counts", ctx):
         counts = _gather_figures([float(len(data.train))], ctx, reducer)  # collective: every rank names the same owners
+    counts = procs.leaders(counts) if procs is not None else counts
     empty = [r for r, (n,) in enumerate(counts) if n == 0]
     if empty:  # an owner with nothing to learn from would unify its random start and sink everyone to chance
         raise UserError(
@@ -309,11 +327,13 @@ def load_data(cfg: RunConfig, ctx: Context, members: Membership, reducer: Sealed
 
 
 def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerData, round_: int, out: Reporter,
-                   plan: budget.Budget) -> tuple[float, int]:  # fmt: skip
+                   plan: budget.Budget, procs: Procs) -> tuple[float, int]:  # fmt: skip
     """This owner's local training of the round, to `plan`; returns the last epoch's loss and the steps taken.
 
     The data order depends on the owner's place in the owner list, not its rank: a rank can change. Every
     budget takes the seeded order's first steps, epoch after epoch, so the step count replays the round.
+    An owner of several processes: each takes its share of every batch of the same order, and their
+    gradients are averaged (weighted by share) before every step, so they step in lockstep with equal weights.
     """
     model, optimizer, scaffold = state.model, state.optimizer, state.scaffold
     per_epoch = -(-len(data.train) // cfg.train.batch_size)
@@ -327,6 +347,8 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
     if scaffold is not None:
         scaffold.begin_round()
     on_grads = scaffold.correct_grads if scaffold is not None else None
+    if procs.per_owner > 1:
+        on_grads = _within_owner(procs, model, on_grads)
     scale = cfg.train.absent_class_scale  # FedRS; a stream's labels are read once, and only when it is on
     logit_scale = absent_class_scale(data.train.labels(), data.num_classes, scale) if scale != 1 else None
     with out.progress(f"round {round_}: local training", steps_left or per_epoch * max(epochs, 1)) as advance:
@@ -343,12 +365,25 @@ def _train_locally(cfg: RunConfig, owner: int, state: TrainState, data: OwnerDat
             loss = train_epoch(
                 model, optimizer, data.train, cfg.train.batch_size, g, on_batch=step, extra_loss=prox,
                 on_grads=on_grads, max_steps=take, logit_scale=logit_scale, stop=stop,
+                part=(procs.part, procs.per_owner),
             )  # fmt: skip
             steps_left -= take
             epoch += 1
     if scaffold is not None:
         scaffold.end_round()  # collective: SCAFFOLD's control variates
     return loss, taken
+
+
+def _within_owner(procs: Procs, model: nn.Module, then):
+    """After backward: the owner's processes' gradients averaged (a collective inside the owner), then `then`
+    (SCAFFOLD's correction, the same on every process of the owner: it reads their equal weights)."""
+
+    def on_grads() -> None:
+        procs.average_gradients(model)  # collective over the owner's processes, every step
+        if then is not None:
+            then()
+
+    return on_grads
 
 
 def _evaluate_local(cfg: RunConfig, model: nn.Module, data: OwnerData) -> list[Any]:
@@ -381,7 +416,7 @@ def _releases_per_round(cfg: RunConfig) -> int:
     return 1 + auto + len(cfg.unify.compare)
 
 
-def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int) -> str:
+def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int, reducer=None) -> str:
     """rule = auto: every candidate's unified model scored on every owner's private validation split.
 
     Per-class correct/total counts are summed over owners (one all_reduce), so every rank computes the
@@ -397,10 +432,9 @@ def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, roun
             correct, total = per_class_correct(model, data.val, data.num_classes)
             counts += correct + total
     summed = torch.tensor(counts, dtype=torch.float64, device=ctx.wire_device)
-    reducer = unifier.core.reducer  # trust on: the sealed ring (the counts describe the owners' data)
     with stage(f"auto vote in round {round_}", ctx):  # collective: the same counts, so the same choice, everywhere
-        if reducer is None:
-            dist.all_reduce(summed)
+        if reducer is None:  # trust on: the sealed ring (the counts describe the owners' data)
+            dist.all_reduce(summed)  # owners of G processes count G times each: the same ratios, the same pick
         else:
             reducer.all_reduce(summed)  # whole numbers in float64: exact in any order, the vote is trust off's
     per_rule = summed.view(len(rules), 2, data.num_classes)
@@ -450,7 +484,7 @@ def _name_owners(record: dict[str, Any], members: Membership, records: list[dict
 
 def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: OwnerData, round_: int, loss: float,
                       local: list[Any], candidates: list[float], outcome, reducer: SealedRing | None,
-                      budget: list[float]) -> tuple[dict[str, Any], list[list[float]]]:  # fmt: skip
+                      budget: list[float], procs: Procs) -> tuple[dict[str, Any], list[list[float]]]:  # fmt: skip
     """Evaluate the unified model on this owner's data, gather every owner's figures, build the record.
 
     `budget` (_budget: whether this owner can afford the next round) rides in the same gather and comes
@@ -464,13 +498,20 @@ def _evaluate_unified(cfg: RunConfig, ctx: Context, model: nn.Module, data: Owne
     extra = [*budget, outcome.bytes_sent, time.time(), *dp]  # per owner: next round's budget, wire bytes, clock, spent
     with stage(f"metrics gather in round {round_}", ctx):
         gathered = _gather_figures([*mine, *extra], ctx, reducer)  # collective: the same figures everywhere
-    digests = outcome.digests  # every rank's own, gathered (and compared) by unify
+    losses = [row[1] for row in gathered]  # every process's own loss: an owner's is its processes' mean
+    gathered = procs.leaders(gathered)  # one row per owner: its processes hold the same weights and data
+    for o, row in enumerate(gathered):
+        row[1] = sum(losses[o * procs.per_owner : (o + 1) * procs.per_owner]) / procs.per_owner
+    digests = procs.leaders(outcome.digests)  # every rank's own, gathered (and compared) by unify
     n, b = len(extra), len(budget)
     record = _record(cfg, round_, [row[:-n] for row in gathered], digests, outcome.skipped, data.num_classes)
     for owner, row in zip(record["owners"], gathered):
         owner["unify_bytes"] = int(row[-n + b])  # this owner's wire bytes for the unify (UnifyOutcome.bytes_sent)
     record["time"] = gathered[0][-n + b + 1]  # rank 0's clock, shared: every owner holds (and signs) the same record
     record["rule_used"] = outcome.rule
+    if procs.per_owner > 1:  # every process's digest: the record proves all of them equal, not the leaders' only
+        for o, owner in enumerate(record["owners"]):
+            owner["process_digests"] = outcome.digests[o * procs.per_owner : (o + 1) * procs.per_owner]
     spent = [row[-2:] for row in gathered if not math.isnan(row[-2])]
     if spent:  # the privacy spent so far, (epsilon, delta)-DP per owner: the weakest owner's guarantee
         record["dp_epsilon"] = max(e for e, _ in spent)
@@ -534,7 +575,8 @@ def _lowest(accs: list[float | None]) -> float | None:
     return min((a for a in accs if a is not None), default=None)
 
 
-def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState, members: Membership, out: Reporter) -> int:
+def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState, members: Membership, out: Reporter,
+            procs: Procs, reducer=None) -> int:  # fmt: skip
     """Continue from the newest completed round this group can continue exactly (0: start fresh).
 
     Each owner reports the rounds it has readable checkpoints of (and who took part in each). The group
@@ -542,16 +584,17 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
     is lost, and nobody who trained in R restarts from older state. An owner here without R (it was away,
     or is new) takes the unified model, the unifier's state and the records from an owner that has R, and
     keeps its own optimizer state from its newest older checkpoint (a fresh one if it has none).
-    A collective: every rank calls it.
+    A collective: every rank calls it. An owner of several processes: its leader wrote the checkpoints, and
+    every process of the owner reads them (the same files: the same list); the owners' rows decide.
     """
     if not cfg.output.resume:
-        ckpt.clear()
+        ckpt.clear()  # its leader's; the others write none
         return 0
-    reducer = state.unifier.core.reducer  # trust on: sealed, as everything after admission
-    with stage("resume agreement", ctx):
+    with stage("resume agreement", ctx):  # trust on: sealed (reducer), as everything after admission
         listed = [[r, names] for r, names in ckpt.readable().items()]  # JSON: {round: owners} as pairs
         held = [_held(e, rank) for rank, e in enumerate(gather_json(listed, reducer=reducer, what="a checkpoint list"))]  # collective
-    round_, source = _resume_point(held, members.present)
+    round_, source = _resume_point(procs.leaders(held), members.present)
+    source *= procs.per_owner  # the source owner's leader
     if round_ == 0:
         return 0
     mine = held[ctx.rank]
@@ -573,7 +616,7 @@ def _resume(cfg: RunConfig, ctx: Context, ckpt: Checkpointer, state: TrainState,
     if everyone_had_it:
         out.info(f"resumed from round {round_} (every owner had it)")
     else:
-        late = [n for n, h in zip(members.present, held) if round_ not in h]
+        late = [n for n, h in zip(members.present, procs.leaders(held)) if round_ not in h]
         out.info(f"resumed from round {round_} ({members.present[source]}'s checkpoint); taken from it: {', '.join(late)}")
     return round_
 

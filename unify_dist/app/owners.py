@@ -42,45 +42,49 @@ class Membership:
         return self.roster.index(self.name)
 
 
-def own_name(cfg: TrainConfig, ctx: Context, roster_name: str = "") -> str:
+def own_name(cfg: TrainConfig, ctx: Context, roster_name: str = "", procs: int = 1) -> str:
     """This owner's name: UNIFY_DIST_OWNER, else its name in the trust roster (trust on), else
-    train.owners[rank] on a fixed group, else rank{R}."""
+    train.owners[R] on a fixed group, else rank{R}; R is the owner's rank among the owners (the process's
+    rank // procs: an owner of `procs` processes is that many consecutive ranks)."""
     env = os.environ.get(OWNER_ENV, "").strip()
     if roster_name and env and env != roster_name:  # trust on: the admitted identity is the name
         raise UserError(f"{OWNER_ENV}={env} but trust.owner is '{roster_name}'; an owner has one name: unset one")
     name = roster_name or env
     if name:
         return name
+    rank, owners = ctx.rank // procs, ctx.world_size // procs
     if not cfg.owners:
-        return f"rank{ctx.rank}"
+        return f"rank{rank}"
     if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
         raise UserError(
             f"train.owners names the owners, but this process has no name: set {OWNER_ENV} to one of "
             f"{', '.join(cfg.owners)} for each owner (under elastic torchrun a rank says nothing about who it is)"
         )
-    if len(cfg.owners) != ctx.world_size:
+    if len(cfg.owners) != owners:
         raise UserError(
-            f"train.owners lists {len(cfg.owners)} owners but {ctx.world_size} are here, and {OWNER_ENV} is not set; "
+            f"train.owners lists {len(cfg.owners)} owners but {owners} are here, and {OWNER_ENV} is not set; "
             f"set {OWNER_ENV} to this owner's name (one of {', '.join(cfg.owners)})"
         )
-    return cfg.owners[ctx.rank]
+    return cfg.owners[rank]
 
 
 def agree_on_owners(
-    cfg: TrainConfig, ctx: Context, say: Callable[[str], None], roster_name: str = "", sleep=time.sleep, reducer=None
+    cfg: TrainConfig, ctx: Context, say: Callable[[str], None], roster_name: str = "", sleep=time.sleep, reducer=None,
+    procs: int = 1,
 ) -> Membership:
     """Every rank's name, gathered and checked; too few owners waits, then stops. A collective.
 
     The same UserError is raised on every rank (they all see the same gathered names). The names travel
-    as UTF-8 JSON (never a pickle), through `reducer` when given (trust on: sealed).
+    as UTF-8 JSON (never a pickle), through `reducer` when given (trust on: sealed). With owners of `procs`
+    processes (consecutive ranks), an owner's processes must carry its one name, and the names are the owners'.
     """
-    mine = own_name(cfg, ctx, roster_name)
+    mine = own_name(cfg, ctx, roster_name, procs)
     present = gather_json(mine, reducer=reducer, limit=4096, what="an owner's name")  # collective
     if not all(isinstance(n, str) for n in present):
         odd = next(r for r, n in enumerate(present) if not isinstance(n, str))
         raise WireError(f"rank {odd} sent {str(present[odd])[:40]!r} where its owner name belongs; a peer is broken "
                         "or the bytes were changed on the way")  # fmt: skip
-    names = list(present)
+    names = _owners_names(list(present), procs)
     roster = list(cfg.owners) or names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -89,12 +93,26 @@ def agree_on_owners(
     unknown = [n for n in names if n not in roster]
     if unknown:
         raise UserError(f"owner(s) {unknown} are not in train.owners ({', '.join(roster)}); add them there or fix {OWNER_ENV}")
-    if ctx.world_size < cfg.min_owners:
-        say(f"only {ctx.world_size} of train.min_owners = {cfg.min_owners} owners are here ({', '.join(names)}); "
+    if len(names) < cfg.min_owners:
+        say(f"only {len(names)} of train.min_owners = {cfg.min_owners} owners are here ({', '.join(names)}); "
             f"waiting up to {cfg.owner_wait_s:g} s for more")  # fmt: skip
         sleep(cfg.owner_wait_s)  # an owner that arrives meanwhile makes torchrun restart this group, bigger
         raise UserError(
-            f"only {ctx.world_size} owner(s) ({', '.join(names)}) joined within {cfg.owner_wait_s:g} s but "
+            f"only {len(names)} owner(s) ({', '.join(names)}) joined within {cfg.owner_wait_s:g} s but "
             f"train.min_owners = {cfg.min_owners}; start the missing owners' agents, or lower train.min_owners"
         )
     return Membership(mine, names, roster)
+
+
+def _owners_names(by_rank: list[str], procs: int) -> list[str]:
+    """Every rank's name -> the owners' names (rank order), each owner's `procs` processes carrying one name."""
+    if procs == 1:
+        return by_rank
+    owners = [by_rank[i : i + procs] for i in range(0, len(by_rank), procs)]
+    split = next(((o, names) for o, names in enumerate(owners) if len(set(names)) > 1), None)
+    if split is not None:
+        o, names = split
+        raise UserError(f"ranks {o * procs}..{o * procs + procs - 1} are one owner (dist.procs_per_owner = {procs}) but "
+                        f"carry the names {names}; start each owner's processes with one torchrun agent and one "
+                        f"{OWNER_ENV}")  # fmt: skip
+    return [names[0] for names in owners]
