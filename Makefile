@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo demo-trust test test-fast bench bench-links reproduce robust skew dp netns data clean
+.PHONY: demo demo-trust test test-fast bench bench-links bench-compress reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -72,6 +72,11 @@ $(FLWR_DIR)/.installed:
 
 bench-links: $(STAMP) data $(FLWR_DIR)/.installed
 	PYTHON=$(PY) FLWR_DIR=$(FLWR_DIR) launch/netns_bench_links.sh
+
+# A compressed unify (bf16, int8) against plain avg over one shaped 20 Mbit link between two network
+# namespaces (root), resnet18, 3 rounds: ratios against issue 19's targets; results/bench_compress.json.
+bench-compress: $(STAMP)
+	PYTHON=$(PY) launch/netns_bench_compress.sh
 
 clean:
 	rm -rf runs results .pytest_cache
