@@ -1,5 +1,5 @@
-"""unify_dist.exchange on real gloo groups: the receive-first all_gather against torch's, and the
-two-owner integer sum against torch's all_reduce, on WORLD and on a subgroup whose ranks are not the
+"""unify_dist.exchange on real gloo groups: the receive-first all_gather (itself and through HostStaged)
+against torch's, and the two-owner integer sum against torch's all_reduce, on WORLD and on a subgroup whose ranks are not the
 global ones. (Its speed over a slow link is `make bench-compress`'s to show, not a test's.)"""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from tests.world import run_world
 from unify_dist import exchange
+from unify_dist.staging import HostStaged
 
 DTYPES = (torch.float32, torch.bfloat16, torch.uint8, torch.int64)
 
@@ -36,13 +37,16 @@ def _gathers(rank: int, world: int) -> list[tuple[list[torch.Tensor], list[torch
             theirs = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(theirs, mine, group=group)
             out.append((ours, theirs))
+            staged = [torch.full_like(mine, 5) for _ in range(size)]
+            HostStaged(None, group).all_gather(staged, mine)  # GPU owners' reducer over plain gloo: the same path
+            out.append((staged, theirs))
     return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_all_gather_equals_torchs(world: int) -> None:
     for rank, pairs in enumerate(run_world(_gathers, world)):
-        assert len(pairs) == len(DTYPES) * (2 if world == 3 and rank != 1 else 1)
+        assert len(pairs) == 2 * len(DTYPES) * (2 if world == 3 and rank != 1 else 1)
         for ours, theirs in pairs:
             assert len(ours) == len(theirs)
             for a, b in zip(ours, theirs):
