@@ -12,6 +12,10 @@ The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here
   compressed          sums of updates under unify.compress (Collective.compressed_sum): bf16/fp16 one
                       all_gather of 16-bit rows, int8 an all_reduce MAX of block scales then one SUM of int8.
 
+Over gloo every all_gather posts its receives before its sends (unify_dist.exchange): gloo's own sends
+first, and on a slow link one direction then waits behind the other's data (resnet18's bf16 gather over
+20 Mbit/s: 14.5 s, against 9.7 s receive-first).
+
 Non-finite weights are caught before anything is combined. Each owner checks its own values (on the sum
 paths, in the same cache-sized pass that scales them: see Collective._scale_and_check); a sick
 owner contributes the path's neutral element (0 with weight 0 for sums, -inf for MAX: never a zero,
@@ -396,7 +400,7 @@ class Collective:
 
     def _int8_sum(self, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
         """int8: blockwise scales agreed as the MAX over owners (one small all_reduce, which also carries
-        flags, weights and counters), then one all_reduce SUM of int8 values.
+        flags, weights and counters), then one SUM of int8 values (_int_sum).
 
         Every owner quantises its block with the same scale s to `int8_levels(W)` = 127 // W levels per
         sign, so the SUM of W owners' values lies in [-127, 127]: int8 cannot overflow, and an integer
