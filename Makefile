@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo demo-trust test test-fast bench bench-links bench-unequal reproduce robust skew dp netns data clean
+.PHONY: demo demo-trust test test-fast bench bench-links bench-unequal bench-compress reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -77,6 +77,11 @@ bench-links: $(STAMP) data $(FLWR_DIR)/.installed
 # epoch rounds, time-budget rounds and overlapped rounds, over 100 and 20 Mbit links (root). About 10 min per rate.
 bench-unequal: $(STAMP) data
 	for rate in 100mbit 20mbit; do PYTHON=$(PY) RATE=$$rate launch/netns_unequal.sh configs/paper_v.toml || exit $$?; done
+
+# A compressed unify (bf16, int8) against plain avg over one shaped 20 Mbit link between two network
+# namespaces (root), resnet18, 3 rounds: ratios against issue 19's targets; results/bench_compress.json.
+bench-compress: $(STAMP)
+	PYTHON=$(PY) launch/netns_bench_compress.sh
 
 clean:
 	rm -rf runs results .pytest_cache

@@ -3,7 +3,8 @@
 Checked: every rank ends with the same bits (digests and values), close to the uncompressed rule; the
 int8 sum cannot overflow at its extreme; error feedback carries what a round could not send (and a
 run with the residual dropped each round misses by far more); a checkpoint of state_dict() restored
-into a fresh Unifier resumes bit for bit; rules for which lossy transport makes no sense are refused.
+into a fresh Unifier resumes bit for bit; rules for which lossy transport makes no sense are refused;
+through the sealed ring (trust on) every mode ends with the same bits as through gloo.
 One spawned group per world size runs the cases (spawning is the slow part).
 """
 
@@ -298,3 +299,39 @@ def test_compressed_run_through_the_cli_records_bytes(tmp_path: Path, data_root:
         params = sum(t.numel() for t in MODELS["mlp"](in_shape=(1, 28, 28), num_classes=10).parameters())
         # int8 on 2 owners: one byte per weight, and 4 bytes of scale per 256 of them
         assert sent[0] == sent[1] and params < sent[0] < 1.1 * params, sent
+
+
+def _sealed_and_plain(rank: int, world: int, raws: list[bytes]) -> dict:
+    """Two rounds of every mode through gloo (receive-first gathers; int8's two-owner exchange) and through
+    a SealedRing (trust on): each path's values and digest per round."""
+    from tests.trust_keys import key, roster_of
+    from unify_dist.trust import SealedRing, admit
+
+    ring = SealedRing(admit(key(raws[rank]), f"owner{rank}", roster_of(raws), run_id="test"), segment_bytes=96)
+    out = {}
+    for mode in MODES:
+        for reducer in (None, ring):
+            model = _Vec()
+            flat = FlatState(model, tail=tail_size(world, model))
+            unifier = Unifier.over(flat, UnifyConfig(rule="weighted_avg", compress=mode), reducer=reducer)
+            rounds = []
+            for round_ in range(2):  # the second round sends the first one's residual too
+                flat.values.add_(_update(rank, round_))
+                outcome = unifier.unify(weight=_weight(rank))
+                rounds.append((flat.values.clone(), outcome.digest))
+            out[(mode, reducer is None)] = rounds
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_sealed_ring_carries_compressed_updates_to_the_same_bits(world: int) -> None:
+    from tests.trust_keys import fresh_keys
+
+    per_rank = run_world(_sealed_and_plain, world, fresh_keys(world))
+    for mode in MODES:
+        plain, sealed = per_rank[0][(mode, True)], per_rank[0][(mode, False)]
+        for (values, digest), (values_sealed, digest_sealed) in zip(plain, sealed):
+            # the 16-bit rows arrive as their owners' bytes, and an int8 sum is exact in any order
+            assert torch.equal(values, values_sealed) and digest == digest_sealed
+        for other in per_rank[1:]:
+            assert [d for _, d in other[(mode, True)]] == [d for _, d in plain]

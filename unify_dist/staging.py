@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from unify_dist import exchange
+
 __all__ = ["HostStaged"]
 
 
@@ -61,7 +63,7 @@ class HostStaged:
 
     def _all_gather(self, out: list[Tensor], host: Tensor) -> None:
         if self.inner is None:
-            dist.all_gather(out, host, group=self.group)
+            exchange.all_gather(out, host, self.group)  # receives first: a slow link runs both ways at once
         else:
             self.inner.all_gather(out, host)
 

@@ -135,9 +135,13 @@ class ErrorFeedback:
 
     def keep(self, contribution: Tensor, sent: Tensor, commit: bool) -> None:
         """residual = contribution - sent: what the lossy transport dropped this round (`sent` may be
-        16-bit: the subtraction is in the residual's precision, in one pass)."""
-        if commit:
-            torch.sub(contribution, sent, out=self.residual)
+        16-bit: the subtraction is in the residual's precision)."""
+        if not commit:
+            return
+        if sent.dtype != self.residual.dtype:  # widened first (exact): a mixed-dtype sub runs 4x slower on a CPU
+            self.residual.copy_(sent)
+            sent = self.residual
+        torch.sub(contribution, sent, out=self.residual)
 
     def state_dict(self) -> dict[str, Any]:
         return {"compress_residual": self.residual}
@@ -156,19 +160,40 @@ def int8_levels(owners: int) -> int:
     return 127 // owners
 
 
-def _blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """x as [whole blocks, block] and the short last block (maybe empty): views, no copy."""
-    whole = x.numel() // block * block
-    return x[:whole].view(-1, block), x[whole:]
+STEP_BLOCKS = 256
+"""Blocks per step of the int8 helpers: 64 Ki elements, 256 KiB of float32, so a step's passes stay in
+cache. Measured on resnet18's 11.7 M values (one thread, loaded 2-core machine): the block scales 26 ms
+a pass against 82 ms for one whole-buffer aminmax, quantising 39 ms against 133, dequantising 24 against 108."""
+
+
+def _steps(n: int, block: int):
+    """(start, end) of consecutive steps of STEP_BLOCKS whole blocks; the last may end in a short block."""
+    step = block * STEP_BLOCKS
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _times_block_factor(src: Tensor, factors: Tensor, start: int, block: int, out: Tensor) -> None:
+    """out = src times the factor of its block, for a piece of a vector that starts at element `start`
+    (a multiple of `block`): one float32 product each (out may be src)."""
+    whole, first = src.numel() // block * block, start // block
+    if whole:
+        torch.mul(src[:whole].view(-1, block), factors[first : first + whole // block, None], out=out[:whole].view(-1, block))
+    if whole < src.numel():
+        torch.mul(src[whole:], factors[first + whole // block], out=out[whole:])
 
 
 def block_absmax(x: Tensor, block: int, out: Tensor) -> None:
     """out[b] = max |x| over block b (out has ceil(n / block) elements)."""
-    main, rest = _blocks(x, block)
-    low, high = torch.aminmax(main, dim=1)  # one read, no |x| copy
-    torch.maximum(low.neg_(), high, out=out[: main.shape[0]])
-    if rest.numel():
-        out[-1] = rest.abs().amax()
+    scratch = torch.empty(min(x.numel(), block * STEP_BLOCKS), dtype=x.dtype, device=x.device)
+    for start, end in _steps(x.numel(), block):
+        size = end - start
+        magnitude = torch.abs(x[start:end], out=scratch[:size])
+        whole, first = size // block * block, start // block
+        if whole:
+            torch.amax(magnitude[:whole].view(-1, block), dim=1, out=out[first : first + whole // block])
+        if whole < size:
+            out[-1] = magnitude[whole:].amax()
 
 
 def quantize_int8(x: Tensor, scales: Tensor, levels: int, out: Tensor) -> None:
@@ -177,23 +202,20 @@ def quantize_int8(x: Tensor, scales: Tensor, levels: int, out: Tensor) -> None:
     With scales at least every owner's block max |x| (agreed by a MAX), |out| <= levels before the clamp.
     """
     inverse = torch.where(scales > 0, levels / scales.clamp_min(torch.finfo(scales.dtype).tiny), 0.0)
-    for part, q, inv in _block_pairs(x, out, inverse, COMPRESS_BLOCK):
-        q.copy_((part * inv).round_().clamp_(-levels, levels))
+    scratch = torch.empty(min(x.numel(), COMPRESS_BLOCK * STEP_BLOCKS), dtype=x.dtype, device=x.device)
+    for start, end in _steps(x.numel(), COMPRESS_BLOCK):
+        scaled = scratch[: end - start]
+        _times_block_factor(x[start:end], inverse, start, COMPRESS_BLOCK, scaled)
+        out[start:end].copy_(scaled.round_().clamp_(-levels, levels))
 
 
 def dequantize_int8(q: Tensor, factors: Tensor, out: Tensor) -> None:
-    """out = q * factor of its block: the same float32 products on every rank for the same q and factors."""
-    for part, o, f in _block_pairs(q, out, factors, COMPRESS_BLOCK):
-        torch.mul(part, f, out=o)
-
-
-def _block_pairs(x: Tensor, out: Tensor, per_block: Tensor, block: int):
-    """(x part, out part, per-block factor broadcast to it) for the whole blocks and the short last one."""
-    x_main, x_rest = _blocks(x, block)
-    o_main, o_rest = _blocks(out, block)
-    yield x_main, o_main, per_block[: x_main.shape[0], None]
-    if x_rest.numel():
-        yield x_rest, o_rest, per_block[-1]
+    """out = q * factor of its block: the same float32 products on every rank for the same q and factors
+    (q widened to out's float dtype first, exactly, so each product is a float-by-float multiply)."""
+    for start, end in _steps(q.numel(), COMPRESS_BLOCK):
+        piece = out[start:end]
+        piece.copy_(q[start:end])
+        _times_block_factor(piece, factors, start, COMPRESS_BLOCK, piece)
 
 
 def to_half(x: Tensor, dtype: torch.dtype, out: Tensor) -> None:
