@@ -304,12 +304,51 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def plot_lora(result: dict, path: Path) -> bool:
+    """The LoRA case: each system's round wall time (unify time hatched) beside the link's floor; False
+    without matplotlib or without the case."""
+    case = result["overhead"].get(LORA_HEADLINE)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not case:
+        return False
+    labels = {"unify": "unify-dist\nfp32", "unify_bf16": "unify-dist\nbf16", "unify_ffa": "unify-dist\nFFA (B only)",
+              "flower": "Flower FedAvg\n(adapter only)"}  # fmt: skip
+    names = [n for n in labels if n in case]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    walls = [case[n].get("median_wall_s", 0.0) for n in names]
+    ax.bar(range(len(names)), walls, color=["C0", "C0", "C0", "C1"][: len(names)], alpha=0.5, label="round wall time")
+    for i, n in enumerate(names):
+        if case[n].get("floor_s"):
+            ax.bar(i, case[n]["median_unify_s"], color="C0", hatch="//", label="unify" if i == 0 else None)
+            ax.hlines(case[n]["floor_s"], i - 0.4, i + 0.4, color="k", linestyle="--", label="link's floor" if i == 0 else None)
+            ax.annotate(f"{case[n]['unify_over_floor']:.2f}x", (i, case[n]["median_unify_s"]), ha="center", va="bottom")
+        else:
+            ax.annotate(f"{walls[i]:.1f} s", (i, walls[i]), ha="center", va="bottom")
+    ax.set_xticks(range(len(names)), [labels[n] for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (median round, log scale)")
+    ax.set_title(f"LLaMA-7B-shaped LoRA adapter (8.4M), 4 owners, {result.get('lora_rate', '100mbit')} links")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--target", type=float, default=0.88)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--lora-plot", type=Path, default=None, help="the LoRA case's bar chart")
     parser.add_argument("--note", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON")
     args = parser.parse_args(argv)
     result = summarise(args.runs, args.target, args.note)
@@ -319,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary: {args.out}")
     if args.plot is not None and result["time_to_accuracy"]:
         print(f"plot: {args.plot}" if plot(result, args.plot) else "plot: skipped (matplotlib is not installed)")
+    if args.lora_plot is not None and LORA_HEADLINE in result["overhead"]:
+        drawn = plot_lora(result, args.lora_plot)
+        print(f"plot: {args.lora_plot}" if drawn else "plot: skipped (matplotlib is not installed)")
     return 0
 
 

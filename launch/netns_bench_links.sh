@@ -195,5 +195,6 @@ fi
 
 # matplotlib (for the plot) lives in the same side folder as flwr.
 PYTHONPATH="$flwr_dir" "$python" benchmarks/links_summary.py --runs "$out" --target "$target" --out "$summary" --plot "$plot" \
+  --lora-plot "${plot%_tta.png}_lora.png" --note "lora_rate=100mbit" \
   --note "config=configs/paper_v.toml" --note "tta_rate=$tta_rate" \
   --note "host=$(getconf _NPROCESSORS_ONLN) cores, all namespaces on one machine; 1 torch thread per process"

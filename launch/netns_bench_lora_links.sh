@@ -10,7 +10,7 @@
 #   2. Flower's deployment engine doing the same adapter-only FedAvg (FlowerTune's recipe: the server
 #      sends the adapter to every client, each sends its adapter back; no federated evaluation):
 #      round overhead and the bytes each host sends per round, beside unify-dist's.
-#   Then benchmarks/links_summary.py writes SUMMARY (unless SUMMARY is empty).
+#   Then benchmarks/links_summary.py writes SUMMARY (unless SUMMARY is empty) and its bar chart (.png beside it).
 #   Needs root, iproute2, tc; flwr importable from FLWR_DIR (part 2; the Makefile installs it there).
 #   Env: RATE (100mbit), ROUNDS (3), FLOWER (1: run part 2), OUT (runs/bench_lora_links), SUMMARY
 #   (results/bench_lora_links.json), LINKS_TAG (udl: its namespaces are udl_links_*), FLWR_DIR (.flwr),
@@ -115,6 +115,6 @@ if [ "$flower" = 1 ]; then
 fi
 
 if [ -n "$summary" ]; then
-  PYTHONPATH="$flwr_dir" "$python" benchmarks/links_summary.py --runs "$out" --out "$summary" \
+  PYTHONPATH="$flwr_dir" "$python" benchmarks/links_summary.py --runs "$out" --out "$summary" --lora-plot "${summary%.json}.png" \
     --note "lora_rate=$rate" --note "host=$(getconf _NPROCESSORS_ONLN) cores, all namespaces on one machine; 1 torch thread per process"
 fi
