@@ -216,7 +216,7 @@ def summarise(runs: Path, target: float, notes: list[str]) -> dict:
             for den in ("flower", "flower_legacy", "ddp"):
                 r[f"overhead_{num}_over_{den}"] = _ratio(s.get(num), s.get(den), "median_overhead_s")
             if s.get(num, {}).get("unify_over_floor") is not None:
-                r[f"unify_{num}_over_floor"] = s[num]["unify_over_floor"]
+                r[f"unify_over_floor_{num}"] = s[num]["unify_over_floor"]
         ratios[case] = r
     tta = {name: _tta(runs / "tta" / name, target) for name in ("unify", "flower", "ddp")}
     tta = {k: v for k, v in tta.items() if v is not None}
