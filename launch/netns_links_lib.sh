@@ -58,7 +58,8 @@ links_rate() {
 
 links_up() {
   local name=$1 rate=$2 i ns
-  local lock=${TMPDIR:-/tmp}/unify_dist_links_$LINKS_TAG.lock
+  local lock=${TMPDIR:-/tmp}/unify_dist_links.lock  # tag ud: the name earlier versions used for the same namespaces
+  [ "$LINKS_TAG" = ud ] || lock=${TMPDIR:-/tmp}/unify_dist_links_$LINKS_TAG.lock
   exec 8>"$lock"  # held until exit
   if ! flock -n 8; then
     echo "$name: another run holds $lock (its namespaces are named ${LINKS_TAG}_links_*); wait for it, or set LINKS_TAG" >&2
