@@ -43,8 +43,8 @@ def unify_narrow(core: Collective, combine: Callable[[Tensor, Tensor], Tensor], 
     """Unify every narrow-dtype buffer of core.flat in place with `combine` (stacked, weights) -> unified.
 
     `flags`: each owner's sick flag from the main collective (the same on every rank); sick owners are
-    left out, as on the main path. A collective: one small all_gather of the owners' weights, then one
-    all_gather per chunk of each buffer.
+    left out, as on the main path. A collective: one small all_gather of the owners' weights, then per
+    chunk of each buffer an all_to_all and an all_gather (sharded) or one all_gather (gather).
     """
     flat = core.flat
     if not flat.narrow:
@@ -64,6 +64,7 @@ def unify_narrow(core: Collective, combine: Callable[[Tensor, Tensor], Tensor], 
 
 
 def _unify_buffer(core: Collective, buffer: Tensor, combine, weights: Tensor, healthy: list[int]) -> None:
+    """Every owner gathers every owner's chunk and combines all of it (module docstring: gather)."""
     n = buffer.numel()
     chunk = min(core.chunk_elements, max(n, 1))
     # raw bytes on the wire: every backend gathers uint8, whatever it thinks of bf16
