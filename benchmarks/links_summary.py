@@ -135,7 +135,8 @@ def system_rounds(run: Path, compute_s: float | None = None) -> dict:
     for r in rounds:
         r["tx_bytes"] = {f"h{h}": round(_at(*c, r["end"]) - _at(*c, r["start"])) for h, c in counters.items() if c[0]}
     out: dict = {"kind": kind, "rounds": rounds, "load": _read(run / "load")}
-    for key in ("wall_s", "train_s", "overhead_s", "unify_s", "client_setup_s", "ddp_train_s", "unify_bytes", "wire_bytes"):
+    keys = ("wall_s", "train_s", "overhead_s", "unify_s", "client_setup_s", "ddp_train_s", "unify_bytes", "wire_bytes")
+    for key in keys:
         values = [r[key] for r in rounds if r.get(key) is not None]
         if values:
             out[f"median_{key}"] = statistics.median(values)
@@ -326,7 +327,8 @@ def plot_lora(result: dict, path: Path) -> bool:
     for i, n in enumerate(names):
         if case[n].get("floor_s"):
             ax.bar(i, case[n]["median_unify_s"], color="C0", hatch="//", label="unify" if i == 0 else None)
-            ax.hlines(case[n]["floor_s"], i - 0.4, i + 0.4, color="k", linestyle="--", label="link's floor" if i == 0 else None)
+            floor_label = "link's floor" if i == 0 else None
+            ax.hlines(case[n]["floor_s"], i - 0.4, i + 0.4, color="k", linestyle="--", label=floor_label)
             ax.annotate(f"{case[n]['unify_over_floor']:.2f}x", (i, case[n]["median_unify_s"]), ha="center", va="bottom")
         else:
             ax.annotate(f"{walls[i]:.1f} s", (i, walls[i]), ha="center", va="bottom")

@@ -104,7 +104,8 @@ def test_the_lora_case_sets_each_unify_against_the_links_floor_and_flower(tmp_pa
     assert fp32["median_tx_bytes_h3"] == pytest.approx(54_000_000 * 5.4 / 10)
     assert result["targets"]["lora_unify_over_floor_fp32"]["met"] is True  # 4.4 / 4.03 = 1.09
     assert result["targets"]["lora_unify_over_floor_bf16"]["met"] is False  # 3.3 / 2.01 = 1.64
-    assert result["targets"]["lora_unify_over_floor_bf16"]["value"] == pytest.approx(3.3 / (1.5 * 2 * 8388608 * 8 / 100e6))
+    bf16_floor_s = 1.5 * 2 * 8388608 * 8 / 100e6
+    assert result["targets"]["lora_unify_over_floor_bf16"]["value"] == pytest.approx(3.3 / bf16_floor_s)
     flower = result["overhead"]["lora7b_100mbit"]["flower"]
     assert flower["median_tx_bytes_h4"] == 140_000_000  # 20 s of a 40 s window
     ratios = result["overhead_ratios"]["lora7b_100mbit"]

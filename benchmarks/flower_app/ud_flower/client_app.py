@@ -51,7 +51,8 @@ def _train_adapter(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     state = msg.content["arrays"].to_torch_state_dict()
     setup = time.perf_counter() - t0
-    state, metrics = train_adapter(state, int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"]))
+    owner, round_ = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    state, metrics = train_adapter(state, owner, round_)
     metrics["setup_s"] = setup  # decoding the arrays; the process start is not timed here
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
