@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 NPROC   ?= 2
 ROUNDS  ?= 30
 
-.PHONY: demo demo-trust test test-fast bench bench-links bench-unequal bench-compress reproduce robust skew dp netns data clean
+.PHONY: demo demo-trust test test-fast bench bench-links bench-unequal bench-compress bench-lora-links reproduce robust skew dp netns data clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages .venv
@@ -82,6 +82,12 @@ bench-unequal: $(STAMP) data
 # namespaces (root), resnet18, 3 rounds: ratios against issue 19's targets; results/bench_compress.json.
 bench-compress: $(STAMP)
 	PYTHON=$(PY) launch/netns_bench_compress.sh
+
+# A LoRA adapter with LLaMA-7B's shapes (8.4M elements, no base weights) unified by 4 owners, each behind its own
+# 100 Mbit link (root: five network namespaces): unify time against the link's floor in fp32 and bf16, and Flower's
+# adapter-only FedAvg beside it; results/bench_lora_links.json. `make bench-links` runs it too (LORA=0 skips it).
+bench-lora-links: $(STAMP) $(FLWR_DIR)/.installed
+	PYTHON=$(PY) FLWR_DIR=$(FLWR_DIR) launch/netns_bench_lora_links.sh
 
 clean:
 	rm -rf runs results .pytest_cache

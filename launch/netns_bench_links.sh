@@ -10,12 +10,15 @@
 #      time is subtracted anyway) and few rounds.
 #   2. Time to TARGET test accuracy on the V split (configs/paper_v.toml) over a TTA_RATE link: unify-dist,
 #      Flower (deployment engine) and DDP, each stopped at the target.
-#   Then benchmarks/links_summary.py writes SUMMARY (JSON, with the issue's ratios) and PLOT (accuracy
+#   3. The LoRA case (issue 18): launch/netns_bench_lora_links.sh, a LLaMA-7B-shaped adapter unified by 4
+#      owners against the 100 Mbit link's floor, and Flower's adapter-only FedAvg beside it (its own
+#      5 hosts; its rows go into the same OUT and SUMMARY).
+#   Then benchmarks/links_summary.py writes SUMMARY (JSON, with the issues' ratios) and PLOT (accuracy
 #   against wall time of the three systems).
 #   Needs root, iproute2, tc, and flwr importable from FLWR_DIR (the Makefile installs it there).
 #   Env: QUICK=1 (paper_cnn at 100mbit, 2 rounds, no time to accuracy: a few minutes), MODELS
 #   ("paper_cnn resnet18"), RATES ("100mbit 20mbit"), TTA (1: run part 2), TTA_RATE (100mbit), TARGET
-#   (0.88), OUT (runs/bench_links), SUMMARY (results/bench_links.json), PLOT (results/bench_links_tta.png),
+#   (0.88), LORA (1: run part 3; QUICK=1 gives it 2 rounds), OUT (runs/bench_links), SUMMARY (results/bench_links.json), PLOT (results/bench_links_tta.png),
 #   FLWR_DIR (.flwr), PYTHON (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +34,9 @@ out=$(realpath -m "${OUT:-runs/bench_links}")
 summary=${SUMMARY:-results/bench_links.json} plot=${PLOT:-results/bench_links_tta.png}
 target=${TARGET:-0.88} tta_rate=${TTA_RATE:-100mbit}
 if [ "${QUICK:-0}" = 1 ]; then
-  models=${MODELS:-paper_cnn} rates=${RATES:-100mbit} tta=${TTA:-0} rounds_cap=2
+  models=${MODELS:-paper_cnn} rates=${RATES:-100mbit} tta=${TTA:-0} rounds_cap=2 lora=${LORA:-1} lora_rounds=2
 else
-  models=${MODELS:-paper_cnn resnet18} rates=${RATES:-100mbit 20mbit} tta=${TTA:-1} rounds_cap=0
+  models=${MODELS:-paper_cnn resnet18} rates=${RATES:-100mbit 20mbit} tta=${TTA:-1} rounds_cap=0 lora=${LORA:-1} lora_rounds=3
 fi
 if ! PYTHONPATH="$flwr_dir" "$python" -c "import flwr" 2>/dev/null; then
   echo "$me: flwr is not importable from $flwr_dir; run it through 'make bench-links', which installs it there" >&2
@@ -185,7 +188,13 @@ if [ "$tta" = 1 ]; then
   begin_run "$out/tta/ddp" ddp; run_ddp "$out/tta/ddp" "$target" "${tta_sets[@]}"; end_run "$out/tta/ddp"
 fi
 
+if [ "$lora" = 1 ]; then  # its own 5 hosts (namespaces udl_links_*), its rows in this run's directory and summary
+  echo "$me: LoRA case: a LLaMA-7B-shaped adapter, 4 owners, unify-dist against the link's floor and Flower (adapter only)"
+  OUT="$out" SUMMARY= ROUNDS="$lora_rounds" PYTHON="$python" FLWR_DIR="$flwr_dir" launch/netns_bench_lora_links.sh
+fi
+
 # matplotlib (for the plot) lives in the same side folder as flwr.
 PYTHONPATH="$flwr_dir" "$python" benchmarks/links_summary.py --runs "$out" --target "$target" --out "$summary" --plot "$plot" \
+  --lora-plot "${plot%_tta.png}_lora.png" --note "lora_rate=100mbit" \
   --note "config=configs/paper_v.toml" --note "tta_rate=$tta_rate" \
   --note "host=$(getconf _NPROCESSORS_ONLN) cores, all namespaces on one machine; 1 torch thread per process"

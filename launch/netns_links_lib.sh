@@ -1,8 +1,10 @@
-# Three "machines" on one host, each behind its own shaped link, for launch/netns_bench_links.sh:
-# `source` this file (after launch/netns_lib.sh, whose netns_require and netns_python it uses); it runs
-# nothing itself. Separate names from netns_lib.sh's two namespaces, so the two never collide.
+# LINKS_HOSTS "machines" on one host (3 unless set before sourcing), each behind its own shaped link, for
+# launch/netns_bench_links.sh and launch/netns_bench_lora_links.sh: `source` this file (after
+# launch/netns_lib.sh, whose netns_require and netns_python it uses); it runs nothing itself. Separate
+# names from netns_lib.sh's two namespaces, so the two never collide; LINKS_TAG (default ud, at most 4
+# characters) prefixes every namespace, device and the lock, so runs with different tags can share a host.
 #
-#   hosts $LINKS_NS_0..2 (10.78.0.1-3) --veth-- bridge in namespace $LINKS_NS_BR
+#   hosts ${LINKS_NS[0..LINKS_HOSTS-1]} (10.78.0.1, .2, ...) --veth-- bridge in namespace $LINKS_NS_BR
 #   Each host's veth is shaped with tc tbf to RATE on the way out (its upload) and the bridge's end of
 #   it to RATE on the way in (its download): every host has a RATE link of its own, as machines of
 #   different organisations would. Two owners talk host 0 <-> host 1 (one RATE link each way, like
@@ -16,11 +18,12 @@
 #                               one torchrun agent with one rank on host I; node 0 (on host 0) hosts the store
 #   links_sample I FILE         in the background: every 0.2 s, "time tx_bytes" of host I's veth to FILE
 #   links_stop                  SIGTERM (then SIGKILL) every process in the namespaces (all started here)
-LINKS_NS_BR=ud_links_br
-LINKS_NS=(ud_links_h0 ud_links_h1 ud_links_h2)
-LINKS_IP=(10.78.0.1 10.78.0.2 10.78.0.3)
+LINKS_TAG=${LINKS_TAG:-ud} LINKS_HOSTS=${LINKS_HOSTS:-3}
+LINKS_NS_BR=${LINKS_TAG}_links_br LINKS_NS=() LINKS_IP=()
+for _i in $(seq 0 $((LINKS_HOSTS - 1))); do LINKS_NS+=("${LINKS_TAG}_links_h$_i") LINKS_IP+=("10.78.0.$((_i + 1))"); done
 
-links_dev() { echo "ud_lk_h$1"; }  # host I's end of its veth; the bridge's end is ud_lk_p$I
+links_dev() { echo "${LINKS_TAG}_lk_h$1"; }  # host I's end of its veth; the bridge's end is links_port I
+links_port() { echo "${LINKS_TAG}_lk_p$1"; }
 
 links_stop() {
   local ns pid left
@@ -47,17 +50,19 @@ links_shape() {  # NS DEV RATE: tbf on DEV's egress, as netns_lib.sh shapes its 
 
 links_rate() {
   local i
-  for i in 0 1 2; do
+  for i in "${!LINKS_NS[@]}"; do
     links_shape "${LINKS_NS[$i]}" "$(links_dev "$i")" "$1"
-    links_shape "$LINKS_NS_BR" "ud_lk_p$i" "$1"
+    links_shape "$LINKS_NS_BR" "$(links_port "$i")" "$1"
   done
 }
 
 links_up() {
   local name=$1 rate=$2 i ns
-  exec 8>"${TMPDIR:-/tmp}/unify_dist_links.lock"  # held until exit
+  local lock=${TMPDIR:-/tmp}/unify_dist_links.lock  # tag ud: the name earlier versions used for the same namespaces
+  [ "$LINKS_TAG" = ud ] || lock=${TMPDIR:-/tmp}/unify_dist_links_$LINKS_TAG.lock
+  exec 8>"$lock"  # held until exit
   if ! flock -n 8; then
-    echo "$name: another bench-links run holds ${TMPDIR:-/tmp}/unify_dist_links.lock; wait for it" >&2
+    echo "$name: another run holds $lock (its namespaces are named ${LINKS_TAG}_links_*); wait for it, or set LINKS_TAG" >&2
     exit 2
   fi
   trap links_down EXIT
@@ -67,16 +72,16 @@ links_up() {
     echo "$name: cannot create network namespaces here (no CAP_NET_ADMIN?); run it as root on a host" >&2
     exit 2
   fi
-  ip -n "$LINKS_NS_BR" link add ud_lk_br type bridge
-  ip -n "$LINKS_NS_BR" link set ud_lk_br up
-  for i in 0 1 2; do
+  ip -n "$LINKS_NS_BR" link add "${LINKS_TAG}_lk_br" type bridge
+  ip -n "$LINKS_NS_BR" link set "${LINKS_TAG}_lk_br" up
+  for i in "${!LINKS_NS[@]}"; do
     ns=${LINKS_NS[$i]}
     ip netns add "$ns"
-    ip link add "$(links_dev "$i")" type veth peer name "ud_lk_p$i"
+    ip link add "$(links_dev "$i")" type veth peer name "$(links_port "$i")"
     ip link set "$(links_dev "$i")" netns "$ns"
-    ip link set "ud_lk_p$i" netns "$LINKS_NS_BR"
-    ip -n "$LINKS_NS_BR" link set "ud_lk_p$i" master ud_lk_br
-    ip -n "$LINKS_NS_BR" link set "ud_lk_p$i" up
+    ip link set "$(links_port "$i")" netns "$LINKS_NS_BR"
+    ip -n "$LINKS_NS_BR" link set "$(links_port "$i")" master "${LINKS_TAG}_lk_br"
+    ip -n "$LINKS_NS_BR" link set "$(links_port "$i")" up
     ip -n "$ns" addr add "${LINKS_IP[$i]}/24" dev "$(links_dev "$i")"
     ip -n "$ns" link set lo up
     ip -n "$ns" link set "$(links_dev "$i")" up

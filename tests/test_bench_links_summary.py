@@ -98,3 +98,41 @@ def test_modes_summary_times_each_mode_against_the_first_and_reads_idle_fraction
     assert runs["seconds"]["training_to_target_s"] == pytest.approx(25.0)  # from 'owner data:' at 95
     assert runs["epochs"]["idle_by_owner"] == pytest.approx([0.5, 0.0])  # rounds 2.. only
     assert runs["epochs"]["median_unify_s"] == pytest.approx(5.0)
+
+
+def _lora_unify(path: Path, dtype: str, unify_s: float) -> None:
+    """4 owners, rounds every 10 s from 200: local steps of 0.2-0.5 s, then a unify of `unify_s` s."""
+    meta = {"dtype": dtype, "rule": "lora_separate", "owners": 4, "elements": 8388608,
+            "payload_bytes": 8388608 * (4 if dtype == "fp32" else 2), "rate_bits": 100e6}  # fmt: skip
+    rows = {f"rounds_rank{o}.jsonl": [{"round": r + 1, "train_start": 200 + 10 * r + 0.1 * o, "train_end": 200.2 + 10 * r + 0.1 * o,
+                                       "unify_start": 201 + 10 * r, "unify_end": 201 + 10 * r + unify_s, "unify_s": unify_s - 0.01 * o,
+                                       "unify_bytes": 3 * meta["payload_bytes"] // 2, "wire_bytes": 53_000_000} for r in range(3)]
+            for o in range(4)}  # fmt: skip
+    _run(path, "lora_unify", 195.0, rows, {h: [(200, 0), (230, 3 * 54_000_000)] for h in range(4)})
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_the_lora_case_sets_each_unify_against_the_links_floor_and_flower(tmp_path: Path) -> None:
+    case = tmp_path / "runs" / "lora7b_100mbit"
+    _lora_unify(case / "unify", "fp32", 4.4)
+    _lora_unify(case / "unify_bf16", "bf16", 3.3)
+    _flower(case / "flower")
+    (case / "flower" / "tx_h4.tsv").write_text("100 0\n140 280000000\n")  # the server, behind host 4's link
+    result = summarise(tmp_path / "runs", 0.88, [])
+    fp32 = result["overhead"]["lora7b_100mbit"]["unify"]
+    assert fp32["floor_bytes"] == pytest.approx(1.5 * 4 * 8388608)  # 2 (W-1)/W x the adapter
+    assert fp32["floor_s"] == pytest.approx(1.5 * 4 * 8388608 * 8 / 100e6)  # 4.03 s
+    assert fp32["median_unify_s"] == pytest.approx(4.4)  # the slowest owner's
+    assert fp32["rounds"][0]["wall_s"] == pytest.approx(5.4)  # first owner's step to the last unify end
+    assert fp32["rounds"][0]["train_s"] == pytest.approx(0.2)
+    assert fp32["median_overhead_s"] == pytest.approx(5.2)
+    assert fp32["median_tx_bytes_h3"] == pytest.approx(54_000_000 * 5.4 / 10)
+    assert result["targets"]["lora_unify_over_floor_fp32"]["met"] is True  # 4.4 / 4.03 = 1.09
+    assert result["targets"]["lora_unify_over_floor_bf16"]["met"] is False  # 3.3 / 2.01 = 1.64
+    bf16_floor_s = 1.5 * 2 * 8388608 * 8 / 100e6
+    assert result["targets"]["lora_unify_over_floor_bf16"]["value"] == pytest.approx(3.3 / bf16_floor_s)
+    flower = result["overhead"]["lora7b_100mbit"]["flower"]
+    assert flower["median_tx_bytes_h4"] == 140_000_000  # 20 s of a 40 s window
+    ratios = result["overhead_ratios"]["lora7b_100mbit"]
+    assert ratios["overhead_unify_over_flower"] == pytest.approx(5.2 / 13.0)
+    assert "overhead_unify_ffa_over_flower" not in ratios  # no lora_ffa run here

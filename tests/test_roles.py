@@ -169,3 +169,35 @@ def test_several_float_dtypes_unify_in_fp32_to_the_same_bits(rule):
         assert value.dtype == stacked.dtype
         assert all(torch.equal(r["after"][name], value) for r in results), name
     assert len({r["digest"] for r in results}) == 1
+
+
+def _bf16_only(rank: int, world: int, sick_rank: int) -> dict:
+    model = nn.Sequential(nn.Linear(40, 25), nn.Linear(25, 7)).to(torch.bfloat16)  # 1,207 elements, no fp32
+    ud.same_start(model)
+    unifier = ud.Unifier(model, rule="avg", chunk_elements=300, nonfinite="skip")  # 5 chunks, the last short
+    g = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        if rank == sick_rank:
+            model[0].bias[3] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    outcome = unifier.unify()
+    return {"before": before, "after": dict(model.state_dict()), "sent": outcome.bytes_sent, "digest": outcome.digest}
+
+
+@pytest.mark.parametrize("world,sick_rank", [(4, -1), (3, 1)])
+def test_narrow_buffers_send_an_all_reduces_bytes_and_unify_to_the_pure_rule(world, sick_rank):
+    """3+ owners: each owner combines one shard (all_to_all, then all_gather), 2 (W-1)/W x 2 bytes per
+    element; the same bits as the pure rule in fp32 over the healthy owners, on every owner."""
+    results = run_world(_bf16_only, world, sick_rank)
+    healthy = [r for r in range(world) if r != sick_rank]
+    for name, value in results[0]["after"].items():
+        stacked = torch.stack([results[r]["before"][name] for r in healthy])
+        assert torch.equal(value, RULES["avg"](stacked.float(), torch.ones(len(healthy))).to(torch.bfloat16)), name
+        assert all(torch.equal(r["after"][name], value) for r in results), name
+    payload = 1207 * 2
+    # the narrow part at the all_reduce's 2 (W-1)/W (padding: under 1%), plus the small tail and weights
+    bound = 1.01 * 2 * (world - 1) / world * payload + 200
+    assert all(r["sent"] < bound for r in results), [r["sent"] for r in results]
+    assert len({r["digest"] for r in results}) == 1

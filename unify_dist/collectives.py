@@ -123,7 +123,7 @@ class Collective:
         # (SUM / MAX), e.g. unify_dist.trust.SealedRing, which every reduction and gather here goes through.
         self.reducer = None
         # Bytes this owner puts on the wire, estimated for ring collectives (the Unifier zeroes it per unify):
-        # 2 (W-1)/W of an all_reduce's buffer, (W-1) times its own part of an all_gather.
+        # 2 (W-1)/W of an all_reduce's buffer, (W-1) times its own part of an all_gather, (W-1)/W of an all_to_all.
         self.bytes_sent = 0
         self._packets: list[Tensor] = []  # the 16-bit paths' gather rows, made on first use
         # Integer buffers ride in the tail when it has room: one collective per unify instead of two.
@@ -170,13 +170,26 @@ class Collective:
         else:
             self.reducer.all_reduce(tensor, op)
 
-    def _all_gather(self, out: list[Tensor], tensor: Tensor) -> None:
-        """Every gather here: gloo's with every receive posted first (unify_dist.exchange), or the reducer's."""
+    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False) -> dist.Work | None:
+        """Every gather here: gloo's with every receive posted first (unify_dist.exchange), or the reducer's.
+
+        async_op: torch's own gather, returning the work to wait on (narrow.py's pipeline of chunks); a
+        reducer's gather (trust's sealed ring) is synchronous and returns None.
+        """
         self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size()
-        if self.reducer is None:
-            exchange.all_gather(out, tensor, self.group)
-        else:
+        if self.reducer is not None:
             self.reducer.all_gather(out, tensor)
+            return None
+        if async_op:
+            return dist.all_gather(out, tensor, group=self.group, async_op=True)
+        exchange.all_gather(out, tensor, self.group)
+        return None
+
+    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False) -> dist.Work | None:
+        """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r. gloo's or NCCL's
+        only: a reducer (trust's sealed ring) offers all_reduce and all_gather, so its callers gather instead."""
+        self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size() // self.world
+        return dist.all_to_all_single(out, tensor, group=self.group, async_op=async_op)
 
     def find_nonfinite(self) -> str | None:
         """The name of a tensor of this owner's state holding NaN/Inf, '?' if only the sum overflowed, else None."""

@@ -9,6 +9,7 @@ keeps its optimizer state.
 from __future__ import annotations
 
 import functools
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,6 +31,8 @@ def _task_of(context: Context) -> Task:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if context.run_config.get("task") == "lora7b":
+        return _train_adapter(msg, context)
     task = _task_of(context)
     task.load(msg.content["arrays"].to_torch_state_dict())
     if "optimizer" in context.state:
@@ -38,6 +41,20 @@ def train(msg: Message, context: Context) -> Message:
     context.state["optimizer"] = ConfigRecord({"adam": task.optimizer_bytes()})
     metrics["setup_s"] = task.setup_s
     content = RecordDict({"arrays": ArrayRecord(task.model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_adapter(msg: Message, context: Context) -> Message:
+    """Adapter-only FedAvg (ud_flower/adapter.py): the adapter in, this owner's moved adapter out."""
+    from ud_flower.adapter import train_adapter  # imports benchmarks/: on the path in the LoRA case only
+
+    t0 = time.perf_counter()
+    state = msg.content["arrays"].to_torch_state_dict()
+    setup = time.perf_counter() - t0
+    owner, round_ = int(context.node_config["partition-id"]), int(msg.content["config"]["server-round"])
+    state, metrics = train_adapter(state, owner, round_)
+    metrics["setup_s"] = setup  # decoding the arrays; the process start is not timed here
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
