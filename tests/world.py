@@ -93,7 +93,8 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 # What every rank imports anyway, loaded once into the fork server: each rank is then a fork of a process that
 # has torch (and torch._dynamo, as init_context imports it) but never held a group, a thread pool or a test's
 # state, instead of a fresh interpreter paying 3-5 s of imports. UNIFY_DIST_TEST_START=spawn restores spawn.
-PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torchvision", "unify_dist", "unify_dist.app.loop", "tests.world"]
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torchvision", "unify_dist", "unify_dist.app.loop",
+           "tests.world"]  # fmt: skip
 START_METHOD = os.environ.get("UNIFY_DIST_TEST_START", "forkserver")
 if START_METHOD == "forkserver":
     mp.set_forkserver_preload(PRELOAD)
@@ -163,7 +164,8 @@ def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = 
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
+                said = out.read_text(errors="replace"), err.read_text(errors="replace")
+                raise subprocess.TimeoutExpired(cmd, timeout, *said)
             code = json.loads(line)["returncode"]
         return subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
