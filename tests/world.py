@@ -1,17 +1,22 @@
 """Real process groups for tests: `run_world(fn, world_size, *args)` runs fn(rank, world_size, *args)
-in `world_size` spawned processes joined in a gloo group, and returns each rank's return value.
+in `world_size` new processes joined in a gloo group, and returns each rank's return value.
 
-No collective is mocked: the processes talk through gloo over loopback TCP, as owners would.
+No collective is mocked: the processes talk through gloo over loopback TCP, as owners would. Each call
+starts new processes, forked from a fork server that imported torch once per session (see PRELOAD): a rank
+begins with nothing of an earlier test's (no group, no default dtype, no seed, no environment but the test's).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
+import json
 import os
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -61,8 +66,12 @@ def kill_tree(root: int) -> None:
             pass
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, env: dict) -> None:
+    # A forked rank has the environment the fork server started with: take the test's, as a spawned one would.
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    gc.freeze()  # the fork server's imports are never garbage: a collection need not walk (and copy) them
     torch.set_num_threads(1)
     importlib.import_module("torch._dynamo")  # before the group, as init_context does (an optimizer imports it)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
@@ -81,10 +90,21 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
     os._exit(0)
 
 
+# What every rank imports anyway, loaded once into the fork server: each rank is then a fork of a process that
+# has torch (and torch._dynamo, as init_context imports it) but never held a group, a thread pool or a test's
+# state, instead of a fresh interpreter paying 3-5 s of imports. UNIFY_DIST_TEST_START=spawn restores spawn.
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torchvision", "unify_dist", "unify_dist.app.loop",
+           "tests.world"]  # fmt: skip
+START_METHOD = os.environ.get("UNIFY_DIST_TEST_START", "forkserver")
+if START_METHOD == "forkserver":
+    mp.set_forkserver_preload(PRELOAD)
+
+
 def run_world(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Run fn(rank, world_size, *args) on every rank of a fresh gloo group; re-raise any rank's error."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args, dict(os.environ)),
+                           nprocs=world_size, join=True, start_method=START_METHOD)  # fmt: skip
         results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     for r in results:
         if isinstance(r, RuntimeError) and str(r).startswith("rank "):
@@ -110,10 +130,82 @@ def torchrun(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = None, module: str = "unify_dist"):
-    """Run `python -m MODULE CLI_ARGS` in one process (no torchrun); return it completed."""
+def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = None, module: str = "unify_dist",
+        fresh: bool = False):
+    """Run `python -m MODULE CLI_ARGS` in one process (no torchrun); return it completed.
+
+    The process is forked from tests.zygote, which imported torch once for the session, and leaves through
+    the interpreter's teardown as a real run does. fresh=True starts a new interpreter instead: for a test
+    about what start-up imports or how long it takes.
+    """
     import subprocess
     import sys
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *cli_args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    cmd = [sys.executable, "-m", module, *cli_args]
+    if fresh or os.environ.get("UNIFY_DIST_TEST_START") == "spawn":
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        request = {"module": module, "argv": list(cli_args), "env": full_env, "cwd": os.getcwd(),
+                   "out": str(out), "err": str(err)}  # fmt: skip
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(_zygote())
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            conn.settimeout(timeout)
+            answers = conn.makefile("r")
+            pid = json.loads(answers.readline())["pid"]
+            try:
+                line = answers.readline()
+            except TimeoutError:
+                line = ""
+            if not line:  # timed out (or the reporter died): end the run as subprocess.run would
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                said = out.read_text(errors="replace"), err.read_text(errors="replace")
+                raise subprocess.TimeoutExpired(cmd, timeout, *said)
+            code = json.loads(line)["returncode"]
+        return subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+_ZYGOTE: dict[str, Any] = {}
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _zygote() -> str:
+    """The socket of this session's tests.zygote, started on first use (again if it died); ended at exit."""
+    with _ZYGOTE_LOCK:  # cli runs may start from several threads at once (test_bad_input)
+        proc = _ZYGOTE.get("proc")
+        if proc is None or proc.poll() is not None:
+            _start_zygote()
+        return _ZYGOTE["path"]
+
+
+def _start_zygote() -> None:
+    import atexit
+    import subprocess
+
+    folder = tempfile.mkdtemp(prefix="unify-dist-zygote-")
+    path = os.path.join(folder, "socket")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # read once, when the OpenMP runtime loads with torch
+    proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", path], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, text=True)  # fmt: skip: it ends when this pipe closes
+    ready = proc.stdout.readline()
+    if ready.strip() != "ready":
+        raise RuntimeError(f"tests.zygote did not start (exit {proc.wait()})")
+    if not _ZYGOTE:
+        atexit.register(_stop_zygote)
+    _ZYGOTE.update(proc=proc, path=path, folder=folder)
+
+
+def _stop_zygote() -> None:
+    import shutil
+
+    proc = _ZYGOTE.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    shutil.rmtree(_ZYGOTE.get("folder", ""), ignore_errors=True)
