@@ -277,6 +277,16 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def _save(fig, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot(result: dict, path: Path) -> bool:
     """Test accuracy against wall time since launch, one line per system; False without matplotlib."""
     try:
@@ -298,11 +308,7 @@ def plot(result: dict, path: Path) -> bool:
     ax.set_title(f"Fashion-MNIST V split, 2 owners, {result.get('tta_rate', '')} links")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_lora(result: dict, path: Path) -> bool:
@@ -337,11 +343,7 @@ def plot_lora(result: dict, path: Path) -> bool:
     ax.set_ylabel("seconds (median round, log scale)")
     ax.set_title(f"LLaMA-7B-shaped LoRA adapter (8.4M), 4 owners, {result.get('lora_rate', '100mbit')} links")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
