@@ -63,11 +63,18 @@ def test_pairs_follow_peft_naming():
     assert len(pairs) == 2
 
 
-def _owner(rank: int, world: int, rule: str) -> dict:
+def _owner(rank: int, world: int, rule: str, raws: list[bytes] | None = None) -> dict:
+    """One owner's unify of its own adapter; with `raws` (identity keys), through trust's sealed ring."""
+    ring = None
+    if raws is not None:
+        from tests.trust_keys import key, roster_of
+        from unify_dist.trust import SealedRing, admit
+
+        ring = SealedRing(admit(key(raws[rank]), f"owner{rank}", roster_of(raws), run_id="test"))
     torch.manual_seed(0)
     model = Adapted()
-    ud.same_start(model)
-    unifier = ud.Unifier(model, rule=rule)
+    ud.same_start(model, reducer=ring)
+    unifier = ud.Unifier(model, rule=rule, reducer=ring)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(10 + rank)
     with torch.no_grad():  # each owner's own adapter, as local training would leave it
@@ -118,6 +125,22 @@ def test_distributed_rules_match_the_maths_and_their_bytes(unified):
     assert sep[0]["bytes"] == int(ring * 4 * (adapters + head + world + 1))
     assert ex[0]["bytes"] == (world - 1) * (16 + 4 * (adapters + head))  # an all_gather of the unified tensors
     assert ffa_[0]["bytes"] == int(ring * 4 * (16 * 4 * 2 + head + world + 1))  # B only: no A on the wire
+
+
+def test_sealed_rules_equal_the_plain_ones(unified):
+    """Trust on: the adapters cross the sealed ring; the same result (bits for the gather, float tolerance for
+    sums added in another order), one digest on every owner."""
+    from tests.trust_keys import fresh_keys
+
+    raws = fresh_keys(3)
+    for rule, plain in unified.items():
+        sealed = run_world(_owner, 3, rule, raws)
+        assert len({r["digest"] for r in sealed}) == 1, rule
+        for name, value in plain[0]["end"].items():
+            if rule == "lora_exact":
+                assert torch.equal(sealed[0]["end"][name], value), (rule, name)
+            else:
+                torch.testing.assert_close(sealed[0]["end"][name], value, rtol=1e-6, atol=1e-7)
 
 
 def _misuse(rank: int, world: int, case: str) -> str:

@@ -16,10 +16,11 @@ from tests.world import run_world
 from unify_dist.collectives import tail_size
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
-from unify_dist.rules import RULES
+from unify_dist.rules import LORA_RULES, RULES
 
-# the built-in rules (other test files register rules of their own in this process; spawned ranks lack them)
-BUILT_IN = [r for r in RULES if RULES[r].__module__ == "unify_dist.rules"]
+# the built-in rules (other test files register rules of their own in this process; spawned ranks lack them),
+# less the LoRA rules, which need a model with adapters (sealed, in tests/test_lora.py)
+BUILT_IN = [r for r in RULES if RULES[r].__module__ == "unify_dist.rules" and r not in LORA_RULES]
 from unify_dist.trust import IntegrityError, SealedRing, admit
 from unify_dist.unifier import Unifier
 
