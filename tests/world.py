@@ -194,6 +194,16 @@ def cli_world(cli_args: list[str], nproc: int, timeout: float = 300, env: dict[s
         return list(pool.map(lambda r: cli(cli_args, timeout=timeout, env=rank_env(r), module=module), range(nproc)))
 
 
+def merged(ranks: list) -> Any:
+    """cli_world's ranks as one completed process, as torchrun reports them: the first failing rank's code
+    (0 when all succeeded), and every rank's output in rank order."""
+    import subprocess
+
+    code = next((p.returncode for p in ranks if p.returncode != 0), 0)
+    return subprocess.CompletedProcess(ranks[0].args, code, "".join(p.stdout for p in ranks),
+                                       "".join(p.stderr for p in ranks))  # fmt: skip
+
+
 _ZYGOTE: dict[str, Any] = {}
 _ZYGOTE_LOCK = threading.Lock()
 
