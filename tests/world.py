@@ -170,8 +170,8 @@ def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = 
         return subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
-def cli_world(cli_args: list[str], nproc: int, timeout: float = 300, env: dict[str, str] | None = None,
-              module: str = "unify_dist") -> list:
+def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
+              env: dict[str, str] | list[dict[str, str]] | None = None, module: str = "unify_dist") -> list:
     """Run `python -m MODULE CLI_ARGS` as `nproc` ranks of one real gloo group, without torchrun; return each
     rank's completed process, by rank.
 
@@ -179,14 +179,15 @@ def cli_world(cli_args: list[str], nproc: int, timeout: float = 300, env: dict[s
     `torchrun --standalone --nproc_per_node=N` gives its workers and that the program reads (RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID: it ends as a torchrun worker does).
     For tests about the program on several owners, not about torchrun's agent (restarts, rendezvous,
-    its failure report): those keep `torchrun`.
+    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per rank.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     port = free_port()
 
     def rank_env(rank: int) -> dict[str, str]:
-        return {**(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+        extra = env[rank] if isinstance(env, list) else env or {}
+        return {**extra, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                 "TORCHELASTIC_RUN_ID": "cli_world"}  # fmt: skip
 
