@@ -99,7 +99,7 @@ def _final(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_robust_rules_survive_a_hostile_owner(tmp_path, data_root) -> None:
-    common = ["train", "--config", "configs/paper_v.toml", "--set", "data.train_per_owner=1500",
+    common = ["train", "--config", "configs/paper_v.toml", "--set", "model.name=mlp", "--set", "data.train_per_owner=1500",
               "--set", "data.test_size=2000", "--set", "train.max_rounds=3", "--set", "output.progress=false"]  # fmt: skip
     clean = merged(cli_world([*common, "--set", f"output.dir={tmp_path / 'clean'}"], 4))
     assert clean.returncode == 0, clean.stderr[-2000:]
