@@ -5,9 +5,10 @@ starts them, procs_per_owner = 2) train the same thing as 2 single-process owner
 shares; the ranks are forked as torchrun's workers (tests.world.cli_world); a miscount goes through the real
 `unify-dist launch`. Each process of an owner takes half of every batch of the owner's seeded order and the
 two halves' gradients are averaged every step, so the owner's step is the single-process owner's full-batch
-step up to float rounding (a sum in another order); the owners then unify with avg, as the single-process owners do. So: the same rounds, step counts,
-names and shares; final weights equal to rounding (not bit for bit); and inside the 4-process run, every
-process of every owner holds the same bits after every round (every process's digest, in the record).
+step up to float rounding (a sum in another order); the owners then unify with avg, as the single-process
+owners do. So: the same rounds, step counts, names and shares; final weights equal to rounding (not bit for
+bit); and inside the 4-process run, every process of every owner holds the same bits after every round (every
+process's digest, in the record).
 """
 
 from __future__ import annotations
