@@ -171,7 +171,8 @@ def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = 
 
 
 def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
-              env: dict[str, str] | list[dict[str, str]] | None = None, module: str = "unify_dist") -> list:
+              env: dict[str, str] | list[dict[str, str]] | None = None, module: str = "unify_dist",
+              extra: list[list[str]] | None = None) -> list:
     """Run `python -m MODULE CLI_ARGS` as `nproc` ranks of one real gloo group, without torchrun; return each
     rank's completed process, by rank.
 
@@ -179,7 +180,7 @@ def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
     `torchrun --standalone --nproc_per_node=N` gives its workers and that the program reads (RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID: it ends as a torchrun worker does).
     For tests about the program on several owners, not about torchrun's agent (restarts, rendezvous,
-    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per rank.
+    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per rank; `extra`: more arguments, one list per rank.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -192,7 +193,8 @@ def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
                 "TORCHELASTIC_RUN_ID": "cli_world"}  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=nproc) as pool:
-        return list(pool.map(lambda r: cli(cli_args, timeout=timeout, env=rank_env(r), module=module), range(nproc)))
+        return list(pool.map(lambda r: cli([*cli_args, *(extra[r] if extra else [])], timeout=timeout, env=rank_env(r),
+                                           module=module), range(nproc)))  # fmt: skip
 
 
 def merged(ranks: list) -> Any:
