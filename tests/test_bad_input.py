@@ -3,8 +3,8 @@
 Single-process cases run `python -m unify_dist train ...` as subprocesses; they are launched together by
 one fixture (each one spends most of its time importing torch, so running a few at once keeps this file
 quick on a small machine) and each parametrized test checks one of them. label_split with more owners than
-classes needs a group of 11: its ranks are forked the same way (tests.world.cli_world); folder owners with
-different classes train through the real torchrun.
+classes needs a group of 11, folder owners with different classes a group of 2: their ranks are forked the
+same way, in one real group (tests.world.cli_world).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.test_folder_owners import make_owner_folder
-from tests.world import cli, cli_world, torchrun
+from tests.world import cli, cli_world, merged
 
 ERROR_PREFIX = "unify-dist: error:"
 TINY = ["--set", "data.train_per_owner=200", "--set", "data.test_size=200", "--set", "train.max_rounds=1"]
@@ -134,11 +134,11 @@ def test_folder_owners_with_different_class_names_train_on_their_union(tmp_path:
     make_owner_folder(tmp_path / "owner0", seed=0, per_class=6)
     make_owner_folder(tmp_path / "owner1", seed=1, per_class=6)
     (tmp_path / "owner1" / "dots").rename(tmp_path / "owner1" / "spots")
-    proc = torchrun([
+    proc = merged(cli_world([
         "train", "--set", "data.dataset=folder", "--set", "data.partition=folder",
         "--set", f"data.folder={tmp_path}/owner{{rank}}", "--set", "data.image_size=16", "--set", "model.name=mlp",
         "--set", "train.max_rounds=1", "--set", f"output.dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    ], 2))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(record["per_class"]["unified"]) == 4  # circle, dots, spots, stripes
