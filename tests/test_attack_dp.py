@@ -1,8 +1,9 @@
 """A hostile owner (the [attack] simulation) and differential privacy (clip + Gaussian noise + accountant).
 
-The robust-rule claim is checked end to end: 4 owners in one real group (the program, forked ranks), one of them sending its
-weights x -10 every round; the robust rules must stay near the clean run while avg collapses (so the
-attack is real and the test can fail).
+The robust-rule claim is checked through the program: 4 owners in one real group (forked ranks), one of
+them sending its weights x -10 every round; the robust rules must stay near the clean run while avg
+collapses (so the attack is real and the test can fail). The model is the small MLP: the claim is about the
+rules, not the model.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def _final(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_robust_rules_survive_a_hostile_owner(tmp_path, data_root) -> None:
-    common = ["train", "--config", "configs/paper_v.toml", "--set", "model.name=mlp", "--set", "data.train_per_owner=1500",
-              "--set", "data.test_size=2000", "--set", "train.max_rounds=3", "--set", "output.progress=false"]  # fmt: skip
+    common = ["train", "--config", "configs/paper_v.toml", "--set", "model.name=mlp",
+              "--set", "data.train_per_owner=1500", "--set", "data.test_size=2000", "--set", "train.max_rounds=3",
+              "--set", "output.progress=false"]  # fmt: skip
     clean = merged(cli_world([*common, "--set", f"output.dir={tmp_path / 'clean'}"], 4))
     assert clean.returncode == 0, clean.stderr[-2000:]
     attacked = merged(cli_world(

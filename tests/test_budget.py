@@ -79,9 +79,11 @@ def test_time_budget_recorded_and_replayed_to_the_same_digests(tmp_path: Path, d
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the replay wins over any other budget in the config: local_steps here is ignored
     replay = ["--set", f"train.replay_steps={timed / 'metrics.jsonl'}"]
-    proc = merged(cli_world([*base, *fednova, *replay, "--set", "train.local_steps=1", "--set", f"output.dir={replayed}"], 2))
+    proc = merged(cli_world([*base, *fednova, *replay, "--set", "train.local_steps=1",
+                             "--set", f"output.dir={replayed}"], 2))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = merged(cli_world([*base, "--set", "train.local_steps=12", "--set", f"output.dir={stepped}"], 2))  # 9 steps an epoch
+    stepped_args = [*base, "--set", "train.local_steps=12", "--set", f"output.dir={stepped}"]  # 9 steps an epoch
+    proc = merged(cli_world(stepped_args, 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for t, r in zip(_records(timed), _records(replayed), strict=True):
         assert len({o["digest"] for o in t["owners"]}) == 1  # every owner identical, every round

@@ -34,7 +34,8 @@ TINY = [
 
 def _run(tmp_path: Path, name: str, nproc: int, procs: int) -> tuple[list[dict], dict]:
     out = tmp_path / name
-    proc = merged(cli_world(["train", *TINY, "--set", f"dist.procs_per_owner={procs}", "--set", f"output.dir={out}"], nproc))
+    args = ["train", *TINY, "--set", f"dist.procs_per_owner={procs}", "--set", f"output.dir={out}"]
+    proc = merged(cli_world(args, nproc))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return records, torch.load(out / "final.pt", weights_only=True)

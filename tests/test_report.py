@@ -1,5 +1,6 @@
-"""`unify-dist report` on a real run: a 2-round, 2-owner side-by-side run of the paper's H-environment
-as one real group of two (forked ranks), then the real CLI writing report.md and plots; and bad input giving one line, exit 2."""
+"""`unify-dist report` on a real run: a 2-round, 2-owner side-by-side run of the paper's H-environment as one
+real group of two (forked ranks), then the real CLI writing report.md and plots; and bad input giving one
+line, exit 2."""
 
 from __future__ import annotations
 

@@ -134,9 +134,9 @@ def test_three_owners_with_their_own_run_dirs_are_admitted_and_finish(tmp_path: 
 
     # The refusal is the program's (admission), not the agents': three forked ranks, rank 2 with another lr
     again = tmp_path / "again"
-    refused = cli_world(["train", *SMALL, *trust], 3, module="tests.hooks.plain_watch",
-                        extra=[["--set", f"output.dir={again / f'org{r}'}", *(["--set", "train.lr=0.01"] if r == 2 else [])]
-                               for r in range(3)])  # fmt: skip
+    own = [["--set", f"output.dir={again / f'org{r}'}", *(["--set", "train.lr=0.01"] if r == 2 else [])]
+           for r in range(3)]  # fmt: skip
+    refused = cli_world(["train", *SMALL, *trust], 3, module="tests.hooks.plain_watch", extra=own)
     lines = [ln for p in refused for ln in p.stderr.splitlines() if "admission refused" in ln]
     said = "\n".join(p.stderr[-1500:] for p in refused)
     assert len(lines) >= 3 and [p.returncode for p in refused] == [2, 2, 2], said

@@ -180,7 +180,8 @@ def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
     `torchrun --standalone --nproc_per_node=N` gives its workers and that the program reads (RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID: it ends as a torchrun worker does).
     For tests about the program on several owners, not about torchrun's agent (restarts, rendezvous,
-    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per rank; `extra`: more arguments, one list per rank.
+    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per
+    rank; `extra`: more arguments, one list per rank.
     """
     from concurrent.futures import ThreadPoolExecutor
 
