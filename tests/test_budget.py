@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import torchrun
+from tests.world import cli_world, merged
 from unify_dist.app.budget import Budget, Deadline, plan, read_replay
 from unify_dist.config import TrainConfig
 from unify_dist.errors import UserError
@@ -75,13 +75,15 @@ def test_time_budget_recorded_and_replayed_to_the_same_digests(tmp_path: Path, d
     timed, replayed, stepped = tmp_path / "timed", tmp_path / "replayed", tmp_path / "stepped"
     base = ["train", "--config", "configs/demo_cpu.toml", *SMALL, "--set", "train.max_rounds=2"]
     fednova = ["--set", "unify.normalize_steps=true"]  # owners' different counts, normalised (FedNova)
-    proc = torchrun([*base, *fednova, "--set", "train.round_seconds=0.3", "--set", f"output.dir={timed}"])
+    proc = merged(cli_world([*base, *fednova, "--set", "train.round_seconds=0.3", "--set", f"output.dir={timed}"], 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the replay wins over any other budget in the config: local_steps here is ignored
     replay = ["--set", f"train.replay_steps={timed / 'metrics.jsonl'}"]
-    proc = torchrun([*base, *fednova, *replay, "--set", "train.local_steps=1", "--set", f"output.dir={replayed}"])
+    proc = merged(cli_world([*base, *fednova, *replay, "--set", "train.local_steps=1",
+                             "--set", f"output.dir={replayed}"], 2))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = torchrun([*base, "--set", "train.local_steps=12", "--set", f"output.dir={stepped}"])  # 9 steps an epoch
+    stepped_args = [*base, "--set", "train.local_steps=12", "--set", f"output.dir={stepped}"]  # 9 steps an epoch
+    proc = merged(cli_world(stepped_args, 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for t, r in zip(_records(timed), _records(replayed), strict=True):
         assert len({o["digest"] for o in t["owners"]}) == 1  # every owner identical, every round

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.world import run_world, torchrun
+from tests.world import cli_world, merged, run_world
 from unify_dist.collectives import tail_size
 from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
@@ -289,7 +289,7 @@ def test_compressed_run_through_the_cli_records_bytes(tmp_path: Path, data_root:
     args = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=300",
             "--set", "data.test_size=300", "--set", "model.name=mlp", "--set", "output.progress=false",
             "--set", "train.max_rounds=2", "--set", "unify.compress=int8", "--set", f"output.dir={tmp_path}"]  # fmt: skip
-    proc = torchrun(args, nproc=2)
+    proc = merged(cli_world(args, 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(records) == 2

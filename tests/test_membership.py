@@ -4,8 +4,9 @@ An owner is killed for good in round 2: the other two carry on. It comes back la
 and rejoins. The test waits on events, not on how fast rounds run: the owner to be killed is held before
 round 2's unify (tests/hooks/gate.py), so round 2 can only complete without it, and the survivors are
 held before round 3's unify until it is back, so it rejoins in round 3 however slowly its agent starts. Every round's record names who took part, no round is counted twice, digests agree, and a
-replay of the same membership history (plain fixed-size runs, one per stretch of equal membership)
-ends with the same final digest.
+replay of the same membership history (plain fixed-size groups without agents, one per stretch of equal
+membership) ends with the same final digest. The model is the small MLP: what is proven is who takes part
+when and that the bits agree, not what is learned.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import free_port, kill_tree, listening
+from tests.world import cli_world, free_port, kill_tree, listening
 
 REPO = Path(__file__).resolve().parents[1]
 SURVIVORS_WAIT = "round=3:below=3"  # from round 3 on, no unify with fewer than all three owners
 
 OWNERS = ["ana", "ben", "cai"]
 RUN = [
-    "train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=900", "--set", "data.test_size=300",
-    "--set", "train.local_epochs=2", "--set", f"train.owners={json.dumps(OWNERS)}", "--set", "train.min_owners=2",
+    "train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=300", "--set", "data.test_size=200",
+    "--set", "model.name=mlp", "--set", f"train.owners={json.dumps(OWNERS)}", "--set", "train.min_owners=2",
     "--set", "output.progress=false", "--set", "dist.timeout_s=30", "--set", "train.threads=1",
 ]  # fmt: skip
 
@@ -35,10 +36,12 @@ RUN = [
 def _agent(name: str, run_dir: Path, port: int, nnodes: str, rounds: int, rdzv_id: str, hold: str = "") -> subprocess.Popen:
     """One owner's torchrun agent, logging to a file beside the run directory; `hold`: tests/hooks/gate.py's
     UNIFY_DIST_HOLD for its worker (the program through the gate hook), '' for the plain program."""
+    # keep_alive: a killed agent counts as dead in the rendezvous after 5 s without a heartbeat, not torchrun's
+    # default 15 s (the survivors' next round waits on that); last_call: how long 2 of 3 agents wait for a third
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}", "--max-restarts=3",
-        "--monitor-interval=0.2", "--rdzv-conf=last_call_timeout=4",
+        "--monitor-interval=0.2", "--rdzv-conf=last_call_timeout=4,keep_alive_interval=1,keep_alive_max_attempt=5",
         "-m", "tests.hooks.gate" if hold else "unify_dist", *RUN, "--set", f"train.max_rounds={rounds}",
         "--set", f"output.dir={run_dir}",
     ]  # fmt: skip
@@ -112,14 +115,12 @@ def test_owner_leaves_for_good_then_rejoins_and_a_replay_matches(tmp_path: Path,
         assert len({o["digest"] for o in r["owners"]}) == 1
         assert sorted(o["name"] for o in r["owners"]) == sorted(r["participants"])
 
-    # Replay the same membership: one fixed-size run per stretch, resuming in one directory.
+    # Replay the same membership: one fixed-size group per stretch (plain ranks, no agent), resuming in one directory.
     replay = tmp_path / "replay"
-    replay.mkdir()
-    for i, (owners, last) in enumerate(_stretches(records)):
-        rport = free_port()
-        procs = [_agent(n, replay, rport, str(len(owners)), last, f"replay{i}") for n in owners]
-        for proc in procs:
-            assert proc.wait(timeout=300) == 0, _logs(tmp_path)
+    for owners, last in _stretches(records):
+        ranks = cli_world([*RUN, "--set", f"train.max_rounds={last}", "--set", f"output.dir={replay}"], len(owners),
+                          env=[{"UNIFY_DIST_OWNER": n} for n in owners])  # fmt: skip
+        assert all(p.returncode == 0 for p in ranks), "".join(p.stderr[-1500:] for p in ranks)
     again = _records(replay)
     assert [r["participants"] for r in again] == [r["participants"] for r in records]
     assert again[-1]["digest"] == records[-1]["digest"]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.world import run_world, torchrun
+from tests.world import cli_world, merged, run_world
 from unify_dist.app.config import RunConfig, TrustConfig
 from unify_dist.collectives import tail_size
 from unify_dist.config import TrainConfig, UnifyConfig
@@ -91,7 +91,7 @@ def test_overlap_through_the_program_resumes_bit_identical(tmp_path: Path, data_
             "unify.overlap=true", "--set", "unify.outer=nesterov", "--set", "train.local_steps=6",
             "--set", "unify.normalize_steps=true"]  # fmt: skip
     for out, rounds in ((whole, 4), (cut, 2), (cut, 4)):  # the cut run stops after round 2 and resumes
-        proc = torchrun([*base, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={out}"])
+        proc = merged(cli_world([*base, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={out}"], 2))
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from round 2" in proc.stdout
     a, b = _records(whole), _records(cut)

@@ -1,12 +1,14 @@
-"""Owners of several processes in the program (dist.procs_per_owner), through the real torchrun on CPU/gloo.
+"""Owners of several processes in the program (dist.procs_per_owner), on CPU/gloo.
 
-What must be equal: 2 owners of 2 processes each (torchrun --nproc_per_node=4, procs_per_owner = 2) train the
-same thing as 2 single-process owners (--nproc_per_node=2) on the same shares. Each process of an owner takes
-half of every batch of the owner's seeded order and the two halves' gradients are averaged every step, so
-the owner's step is the single-process owner's full-batch step up to float rounding (a sum in another
-order); the owners then unify with avg, as the single-process owners do. So: the same rounds, step counts,
-names and shares; final weights equal to rounding (not bit for bit); and inside the 4-process run, every
-process of every owner holds the same bits after every round (every process's digest, in the record).
+What must be equal: 2 owners of 2 processes each (4 processes on one machine, as torchrun --nproc_per_node=4
+starts them, procs_per_owner = 2) train the same thing as 2 single-process owners (2 processes) on the same
+shares; the ranks are forked as torchrun's workers (tests.world.cli_world); a miscount goes through the real
+`unify-dist launch`. Each process of an owner takes half of every batch of the owner's seeded order and the
+two halves' gradients are averaged every step, so the owner's step is the single-process owner's full-batch
+step up to float rounding (a sum in another order); the owners then unify with avg, as the single-process
+owners do. So: the same rounds, step counts, names and shares; final weights equal to rounding (not bit for
+bit); and inside the 4-process run, every process of every owner holds the same bits after every round (every
+process's digest, in the record).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.world import cli, torchrun
+from tests.world import cli, cli_world, merged
 from unify_dist.app.config import RunConfig
 from unify_dist.app.config import TrustConfig
 from unify_dist.config import DistConfig, TrainConfig, UnifyConfig
@@ -32,7 +34,8 @@ TINY = [
 
 def _run(tmp_path: Path, name: str, nproc: int, procs: int) -> tuple[list[dict], dict]:
     out = tmp_path / name
-    proc = torchrun(["train", *TINY, "--set", f"dist.procs_per_owner={procs}", "--set", f"output.dir={out}"], nproc=nproc)
+    args = ["train", *TINY, "--set", f"dist.procs_per_owner={procs}", "--set", f"output.dir={out}"]
+    proc = merged(cli_world(args, nproc))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return records, torch.load(out / "final.pt", weights_only=True)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from tests.test_trust_run import SMALL, _keys, _trust
 from tests.trust_keys import fresh_keys, key, roster_of
-from tests.world import cli, run_world, torchrun
+from tests.world import cli, cli_world, merged, run_world
 from unify_dist.app.record import GENESIS, RecordMismatch, chain, record_hash, sign_round, signing_bytes
 from unify_dist.trust import SealedRing, admit
 
@@ -61,8 +61,8 @@ def signed_run(tmp_path_factory, data_root) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("signed")
     roster = _keys(tmp, ["owner0", "owner1"])
     run_dir = tmp / "run"
-    proc = torchrun(["train", *SMALL, *_trust(tmp, roster), "--set", f"output.dir={run_dir}",
-                     "--set", "output.progress=false"], nproc=2)  # fmt: skip
+    proc = merged(cli_world(["train", *SMALL, *_trust(tmp, roster), "--set", f"output.dir={run_dir}",
+                             "--set", "output.progress=false"], 2))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, roster
 
@@ -182,8 +182,8 @@ def test_verify_in_worker_processes_finds_what_one_process_finds(tmp_path: Path)
 def test_a_resumed_run_continues_the_chain_and_verifies(signed_run, tmp_path: Path) -> None:
     run_dir, roster = tmp_path / "run", signed_run[1]
     shutil.copytree(signed_run[0], run_dir)  # checkpoints included: the run resumes from round 2
-    proc = torchrun(["train", *SMALL, *_trust(roster.parent, roster), "--set", f"output.dir={run_dir}",
-                     "--set", "output.progress=false", "--set", "train.max_rounds=3"], nproc=2)  # fmt: skip
+    proc = merged(cli_world(["train", *SMALL, *_trust(roster.parent, roster), "--set", f"output.dir={run_dir}",
+                             "--set", "output.progress=false", "--set", "train.max_rounds=3"], 2))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from round 2" in proc.stdout + proc.stderr
     records = [json.loads(ln) for ln in _lines(run_dir)]

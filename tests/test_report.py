@@ -1,5 +1,6 @@
-"""`unify-dist report` on a real run: a 2-round, 2-owner side-by-side run of the paper's H-environment
-through torchrun, then the real CLI writing report.md and plots; and bad input giving one line, exit 2."""
+"""`unify-dist report` on a real run: a 2-round, 2-owner side-by-side run of the paper's H-environment as one
+real group of two (forked ranks), then the real CLI writing report.md and plots; and bad input giving one
+line, exit 2."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import cli, torchrun
+from tests.world import cli, cli_world, merged
 
 RULES = ["avg", "max", "absmax"]
 
@@ -21,7 +22,7 @@ def h_run(tmp_path_factory, data_root) -> Path:
     sets = ["train.max_rounds=2", "data.train_per_owner=400", "data.test_size=1000", f"unify.compare={','.join(RULES)}"]
     sets.append(f"output.dir={run_dir}")
     args = ["train", "--config", "configs/paper_h.toml", *[a for s in sets for a in ("--set", s)]]
-    proc = torchrun(args, nproc=2)
+    proc = merged(cli_world(args, 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 

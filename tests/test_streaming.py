@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from tests.test_data_factory import FACTORY
-from tests.world import torchrun
+from tests.world import cli_world, merged
 from unify_dist.data import Split, Stream
 from unify_dist.train import count_correct, epoch_generator, per_class_correct, train_epoch
 
@@ -78,10 +78,10 @@ def test_streamed_epoch_leaves_global_rng_alone() -> None:
 
 
 def _run(tmp: Path, name: str, rounds: int, factory_dir: Path):
-    proc = torchrun([
+    proc = merged(cli_world([
         "train", "--set", "data.factory=ufac:owner_data", "--set", "data.workers=1", "--set", "model.name=mlp",
         "--set", f"train.max_rounds={rounds}", "--set", "train.batch_size=16", "--set", f"output.dir={tmp / name}",
-    ], env={"PYTHONPATH": str(factory_dir)})  # fmt: skip
+    ], 2, env={"PYTHONPATH": str(factory_dir)}))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,6 +1,6 @@
 """rule = auto's vote and SCAFFOLD's control variates with trust on: both go through the sealed ring.
 
-Through the real program (torchrun, 2 owners, generated keys): the same run with trust on and off
+Through the real program (2 owners in one real group, generated keys): the same run with trust on and off
 learns, ends with identical weights on both owners, and matches the other bit for bit (with 2 owners
 the ring adds in gloo's order; the vote's counts are whole numbers, exact in any order). A watch on
 torch.distributed (tests/hooks/plain_watch.py) shows that, from the first unify on, trust on calls no
@@ -21,7 +21,7 @@ from torch import nn
 from tests.hooks.plain_watch import PLAIN_ENV
 from tests.test_trust_run import SMALL, _keys, _trust
 from tests.trust_keys import fresh_keys, key, roster_of
-from tests.world import run_world, torchrun
+from tests.world import cli_world, merged, run_world
 from unify_dist.config import ModelConfig
 from unify_dist.models import build_model
 from unify_dist.scaffold import Scaffold
@@ -86,8 +86,8 @@ def test_auto_and_scaffold_with_trust_on_are_sealed_and_equal_trust_off(tmp_path
     for mode, extra in (("on", trust), ("off", [])):
         watch = tmp_path / f"plain_{mode}"
         watch.mkdir()
-        proc = torchrun([*args, *extra, "--set", f"output.dir={tmp_path / mode}"], module="tests.hooks.plain_watch",
-                        env={PLAIN_ENV: str(watch)})  # fmt: skip
+        proc = merged(cli_world([*args, *extra, "--set", f"output.dir={tmp_path / mode}"], 2,
+                                module="tests.hooks.plain_watch", env={PLAIN_ENV: str(watch)}))  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[mode] = (_records(tmp_path / mode), _plaintext(watch))
     (on, on_plain), (off, off_plain) = runs["on"], runs["off"]

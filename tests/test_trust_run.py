@@ -1,5 +1,6 @@
-"""Trust through the real program: torchrun, 2 owners, generated keys on one machine. With trust on the
-run is admitted, sealed and learns with identical weights; an impostor's key is refused with exit 2."""
+"""Trust through the real program: 2 owners in one real group (forked ranks, torchrun's worker environment),
+generated keys on one machine. With trust on the run is admitted, sealed and learns with identical weights;
+an impostor's key is refused with exit 2. Two torchrun agents with trust off warn."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import cli, torchrun
+from tests.world import cli, cli_world, merged
 
 SMALL = ["--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=500", "--set", "data.test_size=500",
          "--set", "train.max_rounds=2"]  # fmt: skip
@@ -35,7 +36,7 @@ def _trust(tmp: Path, roster: Path) -> list[str]:
 def test_trust_on_admits_seals_and_learns(tmp_path: Path, data_root) -> None:
     roster = _keys(tmp_path, ["owner0", "owner1"])
     run_dir = tmp_path / "run"
-    proc = torchrun(["train", *SMALL, *_trust(tmp_path, roster), "--set", f"output.dir={run_dir}"], nproc=2)
+    proc = merged(cli_world(["train", *SMALL, *_trust(tmp_path, roster), "--set", f"output.dir={run_dir}"], 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trust: on: admitted roster owners 0=owner0, 1=owner1" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -49,11 +50,12 @@ def test_impostor_key_is_refused_with_exit_2(tmp_path: Path, data_root) -> None:
     roster = _keys(tmp_path, ["owner0", "owner1"])
     (tmp_path / "owner1.key").unlink()  # rank 1 now holds a key the roster has never seen
     assert cli(["keygen", "--out", str(tmp_path / "owner1.key")]).returncode == 0
-    proc = torchrun(["train", *SMALL, *_trust(tmp_path, roster), "--set", f"output.dir={tmp_path / 'run'}"], nproc=2)
+    ranks = cli_world(["train", *SMALL, *_trust(tmp_path, roster), "--set", f"output.dir={tmp_path / 'run'}"], 2)
+    proc = merged(ranks)
     assert proc.returncode != 0
     refusals = [line for line in proc.stderr.splitlines() if "admission refused" in line]
     assert refusals and all("rank slot 1: its key" in line and "is not in the roster" in line for line in refusals), proc.stderr[-2000:]
-    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both owners' processes exited 2
+    assert [p.returncode for p in ranks] == [2, 2], proc.stderr[-2000:]  # both owners' processes exited 2
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no round ran
 
 

@@ -7,7 +7,8 @@
     file when loaded: no file appears (nothing is unpickled), and every owner stops with one line;
 (c) trust on, three owners as three torchrun agents, each with its own output.dir: admitted, they finish,
     and a watch on torch.distributed sees not one plaintext collective after admission; a fourth run in
-    which one owner sets another learning rate is refused, naming that slot's configuration.
+    which one owner sets another learning rate (three forked ranks, no agents) is refused, naming that
+    slot's configuration.
 
 (a) and (b) need root, `ip netns` and iptables (else skipped with the reason), as tests/test_trust_relay.py.
 """
@@ -26,7 +27,7 @@ import pytest
 from tests.hooks.plain_watch import FROM_ENV, PLAIN_ENV
 from tests.test_trust_relay import RUN, _netns_missing, _records, _relayed, _torchrun_in
 from tests.test_trust_run import _keys, _trust
-from tests.world import free_port
+from tests.world import cli_world, free_port
 from unify_dist.collectives import tail_size
 from unify_dist.config import ModelConfig
 from unify_dist.flat import FlatState
@@ -131,8 +132,12 @@ def test_three_owners_with_their_own_run_dirs_are_admitted_and_finish(tmp_path: 
     seen = [json.loads((watch / f"{rank}.json").read_text()) for rank in range(3)]
     assert seen == [[], [], []], seen  # after admission, not one collective in the clear
 
-    refused = _three_organisations(tmp_path / "again", trust, {2: ["--set", "train.lr=0.01"]}, None)
-    lines = [ln for _, _, err in refused for ln in err.splitlines() if "admission refused" in ln]
-    assert len(lines) >= 3 and all("exitcode  : 2" in err for _, _, err in refused), "\n".join(err[-1500:] for _, _, err in refused)
-    slot = lines[0].split("admission refused: rank slot ", 1)[1][0]  # the rendezvous picks which slot node 2 holds
-    assert all(f"rank slot {slot} runs another configuration" in ln and "forged" not in ln for ln in lines), lines
+    # The refusal is the program's (admission), not the agents': three forked ranks, rank 2 with another lr
+    again = tmp_path / "again"
+    own = [["--set", f"output.dir={again / f'org{r}'}", *(["--set", "train.lr=0.01"] if r == 2 else [])]
+           for r in range(3)]  # fmt: skip
+    refused = cli_world(["train", *SMALL, *trust], 3, module="tests.hooks.plain_watch", extra=own)
+    lines = [ln for p in refused for ln in p.stderr.splitlines() if "admission refused" in ln]
+    said = "\n".join(p.stderr[-1500:] for p in refused)
+    assert len(lines) >= 3 and [p.returncode for p in refused] == [2, 2, 2], said
+    assert all("rank slot 2 runs another configuration" in ln and "forged" not in ln for ln in lines), lines

@@ -170,6 +170,44 @@ def cli(cli_args: list[str], timeout: float = 120, env: dict[str, str] | None = 
         return subprocess.CompletedProcess(cmd, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 
+def cli_world(cli_args: list[str], nproc: int, timeout: float = 300,
+              env: dict[str, str] | list[dict[str, str]] | None = None, module: str = "unify_dist",
+              extra: list[list[str]] | None = None) -> list:
+    """Run `python -m MODULE CLI_ARGS` as `nproc` ranks of one real gloo group, without torchrun; return each
+    rank's completed process, by rank.
+
+    Each rank is a `cli` run (forked from tests.zygote, so no interpreter start-up) given the environment that
+    `torchrun --standalone --nproc_per_node=N` gives its workers and that the program reads (RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID: it ends as a torchrun worker does).
+    For tests about the program on several owners, not about torchrun's agent (restarts, rendezvous,
+    its failure report): those keep `torchrun`. `env`: extra environment for every rank, or a list, one per
+    rank; `extra`: more arguments, one list per rank.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+
+    def rank_env(rank: int) -> dict[str, str]:
+        extra = env[rank] if isinstance(env, list) else env or {}
+        return {**extra, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "TORCHELASTIC_RUN_ID": "cli_world"}  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=nproc) as pool:
+        return list(pool.map(lambda r: cli([*cli_args, *(extra[r] if extra else [])], timeout=timeout, env=rank_env(r),
+                                           module=module), range(nproc)))  # fmt: skip
+
+
+def merged(ranks: list) -> Any:
+    """cli_world's ranks as one completed process, as torchrun reports them: the first failing rank's code
+    (0 when all succeeded), and every rank's output in rank order."""
+    import subprocess
+
+    code = next((p.returncode for p in ranks if p.returncode != 0), 0)
+    return subprocess.CompletedProcess(ranks[0].args, code, "".join(p.stdout for p in ranks),
+                                       "".join(p.stderr for p in ranks))  # fmt: skip
+
+
 _ZYGOTE: dict[str, Any] = {}
 _ZYGOTE_LOCK = threading.Lock()
 
