@@ -117,13 +117,18 @@ def test_distributed_rules_match_the_maths_and_their_bytes(unified):
             name = f"{layer}.base_layer.weight"
             assert torch.equal(results[0]["end"][name], results[0]["start"][name])
         name = f"{layer}.lora_A.default.weight"
-        assert torch.equal(ffa_[0]["end"][name], ffa_[0]["start"][name])  # A frozen from the shared start
+        assert torch.equal(ffa_[0]["end"][name], ffa_[0]["start"][name])
+    for name in ("head.weight", "head.bias"):  # lora_exact averages what is not a factor as avg does
+        mean = torch.stack([r["local"][name] for r in ex]).mean(0)
+        torch.testing.assert_close(ex[0]["end"][name], mean, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(ex[0]["end"][name], ex[0]["local"][name])  # A frozen from the shared start
     adapters = (4 * 12 + 16 * 4) + (4 * 16 + 16 * 4)  # q and v: lora_A + lora_B elements
     head = 16 * 3 + 3
     assert sep[0]["numel"] == adapters + head and ffa_[0]["numel"] == 16 * 4 * 2 + head  # FFA: only B and the head
     ring = 2 * (world - 1) / world
     assert sep[0]["bytes"] == int(ring * 4 * (adapters + head + world + 1))
-    assert ex[0]["bytes"] == (world - 1) * (16 + 4 * (adapters + head))  # an all_gather of the unified tensors
+    # lora_exact: a gather of the factors only, the head by all_reduce (2 (W-1)/W x 4 bytes, no flags tail)
+    assert ex[0]["bytes"] == (world - 1) * (16 + 4 * adapters) + 2 * (world - 1) * 4 * head // world
     assert ffa_[0]["bytes"] == int(ring * 4 * (16 * 4 * 2 + head + world + 1))  # B only: no A on the wire
 
 
@@ -137,7 +142,7 @@ def test_sealed_rules_equal_the_plain_ones(unified):
         sealed = run_world(_owner, 3, rule, raws)
         assert len({r["digest"] for r in sealed}) == 1, rule
         for name, value in plain[0]["end"].items():
-            if rule == "lora_exact":
+            if rule == "lora_exact" and "head" not in name:  # factors and folds from the gather: same bits
                 assert torch.equal(sealed[0]["end"][name], value), (rule, name)
             else:
                 torch.testing.assert_close(sealed[0]["end"][name], value, rtol=1e-6, atol=1e-7)
@@ -164,3 +169,31 @@ def _misuse(rank: int, world: int, case: str) -> str:
 def test_adapter_mistakes_are_one_line_naming_the_tensor(case, phrase):
     for message in run_world(_misuse, 2, case):
         assert phrase in message and "\n" not in message, message
+
+
+def _sick_owner(rank: int, world: int) -> dict:
+    """lora_exact with nonfinite=skip: owner 1's head holds a NaN, so it is left out of every mean."""
+    torch.manual_seed(0)
+    model = Adapted()
+    ud.same_start(model)
+    unifier = ud.Unifier(model, rule="lora_exact", nonfinite="skip")
+    g = torch.Generator().manual_seed(10 + rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        if rank == 1:
+            model.head.bias[0] = float("nan")
+    local = {k: v.clone() for k, v in model.state_dict().items()}
+    outcome = unifier.unify()
+    return {"local": local, "end": model.state_dict(), "digest": outcome.digest, "skipped": outcome.skipped}
+
+
+def test_exact_leaves_a_sick_owner_out_of_factors_and_head():
+    results = run_world(_sick_owner, 3)
+    assert len({r["digest"] for r in results}) == 1 and all(r["skipped"] == [1] for r in results)
+    end = results[0]["end"]
+    assert all(torch.isfinite(v).all() for v in end.values() if v.is_floating_point())
+    for name in ("head.weight", "head.bias", "q.lora_A.default.weight", "v.lora_B.default.weight"):
+        mean = (results[0]["local"][name] + results[2]["local"][name]) / 2  # owners 0 and 2 only
+        torch.testing.assert_close(end[name], mean, rtol=1e-6, atol=1e-7)

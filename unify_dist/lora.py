@@ -8,8 +8,9 @@ stacked factors, the collective at the edge:
                  (avg's one all_reduce) but inexact: mean(B) @ mean(A) != mean(B_i @ A_i).
   lora_exact     as lora_separate, plus the residual mean(B_i @ A_i) - mean(B) @ mean(A) folded into the
                  base weight, identically on every owner (FedEx-LoRA's idea), so the unified model is
-                 W + s * mean(B_i @ A_i) exactly. Needs every owner's factors: one all_gather of the unified
-                 tensors ((owners - 1) x their bytes leave each owner), and it changes the base weight of
+                 W + s * mean(B_i @ A_i) exactly. Needs every owner's factors: one all_gather of the A and B
+                 factors ((owners - 1) x their bytes leave each owner; any other unified tensor is
+                 averaged by an all_reduce, as avg does), and it changes the base weight of
                  every adapted layer (the same bits everywhere; the digest proves it each round).
   lora_ffa       FFA-LoRA: every A frozen from the shared start (the Unifier sets requires_grad False on
                  them at construction), only B trains and is averaged: exact by construction, since
@@ -143,9 +144,12 @@ def relative_error(dw: Tensor, a: Tensor, b: Tensor, scaling: float) -> float:
 
 
 def unify_exact(core, pairs: list[LoraPair], weight: float, sick: bool, tensors: dict[str, Tensor]) -> list[float]:
-    """lora_exact over core.flat in place: every owner's unified tensors gathered, averaged, and each pair's
-    residual folded into its base weight. A collective; returns each owner's sick flag.
+    """lora_exact over core.flat in place: every owner's A and B gathered and averaged, each pair's residual
+    folded into its base weight; the other unified tensors (a head, norms) averaged by one all_reduce, as
+    avg would. A collective; returns each owner's sick flag.
 
+    Only the factors need every owner's copy (the residual is a sum of products), so only they pay a
+    gather's (W-1) x their bytes; the rest pays a ring all_reduce's 2 (W-1)/W.
     `tensors`: the model's tensors by name (the role table's), to reach each pair's A, B and base weight.
     """
     flat = core.flat
@@ -154,20 +158,37 @@ def unify_exact(core, pairs: list[LoraPair], weight: float, sick: bool, tensors:
     infos = [torch.empty_like(info) for _ in range(core.world)]
     core._all_gather(infos, info)  # collective
     flags = [float(i[0]) for i in infos]
-    rows = [torch.empty_like(values) for _ in range(core.world)]
-    core._all_gather(rows, values)  # collective: every owner's factors (and the other unified tensors)
+    healthy = [r for r in range(core.world) if not flags[r]]
+    slots = {s.name: s for s in flat.slots}
+    factors = [slots[n] for p in pairs for n in (p.a, p.b)]
+    is_factor = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    for slot in factors:
+        is_factor[slot.start : slot.end] = True
+    mine = values[is_factor]  # the factors, packed in the buffer's order
+    rows = [torch.empty_like(mine) for _ in range(core.world)]
+    core._all_gather(rows, mine)  # collective: every owner's factors
+    rest = values[~is_factor]
+    if rest.numel():  # every rank takes this branch or none: the roles are the same on every owner
+        if sick or not healthy:
+            rest.zero_()  # a sick owner's values may be NaN; it adds nothing
+        else:
+            rest.mul_(1.0 / len(healthy))
+        core._all_reduce(rest, torch.distributed.ReduceOp.SUM)  # collective: the mean over healthy owners
     if flat.ints.numel():
         op = torch.distributed.ReduceOp.MIN if core.int_rule == "min" else torch.distributed.ReduceOp.MAX
         core._all_reduce(flat.ints, op)  # collective
-    healthy = [r for r in range(core.world) if not flags[r]]
     if not healthy:
         return flags
+    values[~is_factor] = rest
     stacked = torch.stack([rows[r] for r in healthy])
-    values.copy_(avg(stacked, torch.ones(len(healthy))))  # mean A and mean B among everything else
-    offsets = {s.name: s for s in flat.slots}
+    values[is_factor] = avg(stacked, torch.ones(len(healthy)))  # mean A and mean B
+    packed, start = {}, 0  # each factor's place in the packed rows
+    for slot in factors:
+        packed[slot.name] = (start, start + slot.end - slot.start)
+        start += slot.end - slot.start
     with torch.no_grad():
         for p in pairs:
-            a, b = (_rows(stacked, offsets[n], tensors[n]) for n in (p.a, p.b))
+            a, b = (_rows(stacked, packed[n], tensors[n]) for n in (p.a, p.b))
             r = residual(a, b, tensors[p.a], tensors[p.b])  # against the means just written
             base = tensors[p.base]
             base.copy_((base.double() + p.scaling * r).to(base.dtype))  # one rounding, the same on every owner
@@ -187,6 +208,6 @@ def check_exact_roles(pairs: list[LoraPair], roles) -> None:
                              f"{role[p.base].role}); freeze the base model, or use lora_separate")  # fmt: skip
 
 
-def _rows(stacked: Tensor, slot, tensor: Tensor) -> Tensor:
-    """The owners' copies of one unified tensor, [owners, *shape], from the gathered flat rows."""
-    return stacked[:, slot.start : slot.end].reshape(len(stacked), *tensor.shape)
+def _rows(stacked: Tensor, span: tuple[int, int], tensor: Tensor) -> Tensor:
+    """The owners' copies of one factor, [owners, *shape], from the gathered packed rows."""
+    return stacked[:, span[0] : span[1]].reshape(len(stacked), *tensor.shape)
