@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.world import cli_world, merged
 from unify_dist.app.budget import Budget, Deadline, plan, read_replay
@@ -93,3 +94,36 @@ def test_time_budget_recorded_and_replayed_to_the_same_digests(tmp_path: Path, d
             assert o["steps"] >= 1 and o["round_s"] >= o["train_s"] + o["eval_s"] and o["eval_s"] > 0
     for s in _records(stepped):
         assert [o["steps"] for o in s["owners"]] == [12, 12]  # a true per-round budget, across an epoch boundary
+
+
+def test_weight_by_steps_weighs_owners_by_the_steps_they_took(tmp_path: Path, data_root) -> None:
+    """Owner 1 holds three times the images, both take 3 steps: weighted_avg by steps is the plain mean,
+    by data it leans 3:1 towards owner 1. Through the real program, one round."""
+    env = {"UNEQUAL_BASE": "96", "UNIFY_DIST_DATA_ROOT": str(data_root)}
+    base = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.factory=benchmarks.unequal_owners:three_times_data",
+            "--set", "train.threads=1", "--set", "output.progress=false", "--set", "output.local_metrics=false",
+            "--set", "train.max_rounds=1", "--set", "train.local_steps=3"]  # fmt: skip
+    runs = {"avg": ["--set", "unify.rule=avg"],
+            "steps": ["--set", "unify.rule=weighted_avg", "--set", "unify.weight_by=steps"],
+            "data": ["--set", "unify.rule=weighted_avg"]}  # fmt: skip
+    final = {}
+    for name, args in runs.items():
+        proc = merged(cli_world([*base, *args, "--set", f"output.dir={tmp_path / name}"], 2, env=env))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [o["steps"] for o in _records(tmp_path / name)[0]["owners"]] == [3, 3]
+        final[name] = torch.load(tmp_path / name / "final.pt", weights_only=True)["model"]
+    for key, value in final["avg"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(final["steps"][key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(final["data"][k], v, rtol=1e-3, atol=1e-4)
+               for k, v in final["avg"].items() if v.is_floating_point())
+
+
+def test_weight_by_is_checked() -> None:
+    from unify_dist.config import UnifyConfig
+
+    (problem,) = UnifyConfig(weight_by="steps").problems()
+    assert "unify.weight_by = 'steps' sets weighted_avg's weights, and unify rule 'avg' does not weigh owners" in problem
+    (problem,) = UnifyConfig(rule="weighted_avg", weight_by="time").problems()
+    assert "unify.weight_by must be 'data' or 'steps', got 'time'" in problem
+    assert UnifyConfig(rule="weighted_avg", weight_by="steps").problems() == []

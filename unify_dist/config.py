@@ -256,6 +256,10 @@ class UnifyConfig:
     """FedNova: each owner's update is divided by its local step count and the unified update multiplied by
     the owners' mean step count (weighted as the rule weighs them), so an owner that took more steps does not
     pull harder. avg and weighted_avg only; forces update space; the loop passes the counts (unify(steps=N))."""
+    weight_by: str = "data"
+    """What weighted_avg weighs each owner by in the program: data (its training images, FedAvg's weighting) or
+    steps (the local steps it took this round: under train.round_seconds, what it really trained on, so a
+    slow owner's shorter round counts for less). Needs rule = weighted_avg."""
     overlap: bool = False
     """The program's overlapped unify (unify_dist.overlap): round r's unify runs in the background over a second
     gloo group while round r+1 trains, and is applied at the end of round r+1 with that round's own progress
@@ -304,6 +308,11 @@ class UnifyConfig:
         out += _outer_problems(self)
         out += _normalize_problems(self)
         out += _overlap_problems(self)
+        if self.weight_by not in ("data", "steps"):
+            out.append(f"unify.weight_by must be 'data' or 'steps', got '{self.weight_by}'")
+        elif self.weight_by == "steps" and self.rule != "weighted_avg":
+            out.append(f"unify.weight_by = 'steps' sets weighted_avg's weights, and unify rule '{self.rule}' does not "
+                       "weigh owners; set rule = 'weighted_avg', or weight_by = 'data'")
         if self.dp_noise_multiplier < 0:
             out.append(f"unify.dp_noise_multiplier must be >= 0 (0: off), got {self.dp_noise_multiplier}")
         if self.dp_noise_multiplier > 0 and self.update_norm_bound <= 0:

@@ -121,11 +121,12 @@ def run(cfg: RunConfig, ctx: Context, hooks: Sequence[Any] = ()) -> list[dict[st
             hook.before_unify(round_, state.unifier)
 
         # 2. Unify: side-by-side candidates first (from the same local models), then the configured rule.
-        candidates = _candidates(cfg, ctx, state.unifier, model, data, round_)
+        weight = float(steps if cfg.unify.weight_by == "steps" else len(data.train))  # what weighted_avg weighs
+        candidates = _candidates(cfg, ctx, state.unifier, model, data, round_, weight)
         auto = cfg.unify.rule == "auto"
-        rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_, reducer) if auto else cfg.unify.rule
+        rule = _auto_pick(cfg, ctx, state.unifier, model, data, round_, weight, reducer) if auto else cfg.unify.rule
         with stage(f"unify ({rule}) in round {round_}", ctx):
-            outcome = state.unifier.unify(float(len(data.train)), rule=rule, steps=steps)  # collective, digests compared
+            outcome = state.unifier.unify(weight, rule=rule, steps=steps)  # collective, digests compared
         for r in outcome.skipped:
             out.warn(f"round {round_}: owner {r} had non-finite weights and was left out of this unify")
         if cfg.train.optimizer_state == "reset":
@@ -393,7 +394,7 @@ def _evaluate_local(cfg: RunConfig, model: nn.Module, data: OwnerData) -> list[A
     return [count_correct(model, data.val), per_class_correct(model, data.test, data.num_classes)]
 
 
-def _candidates(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int) -> list[float]:
+def _candidates(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int, weight: float) -> list[float]:
     """Side-by-side mode: each compared rule's unified model, evaluated, then the local model restored.
 
     Costs one unify and one evaluation per compared rule; returns [val c, val t, test c, test t] per rule.
@@ -402,7 +403,7 @@ def _candidates(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, rou
     for rule in cfg.unify.compare:
         with _trial(unifier):
             with stage(f"side-by-side unify ({rule}) in round {round_}", ctx):
-                unifier.unify(float(len(data.train)), rule=rule, commit=False, verify=False)  # collective
+                unifier.unify(weight, rule=rule, commit=False, verify=False)  # collective
             figures += [*count_correct(model, data.val), *count_correct(model, data.test)]
     return figures
 
@@ -416,7 +417,8 @@ def _releases_per_round(cfg: RunConfig) -> int:
     return 1 + auto + len(cfg.unify.compare)
 
 
-def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int, reducer=None) -> str:
+def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, round_: int, weight: float,
+               reducer=None) -> str:
     """rule = auto: every candidate's unified model scored on every owner's private validation split.
 
     Per-class correct/total counts are summed over owners (one all_reduce), so every rank computes the
@@ -428,7 +430,7 @@ def _auto_pick(cfg: RunConfig, ctx: Context, unifier: Unifier, model, data, roun
     for rule in rules:
         with _trial(unifier):
             with stage(f"auto candidate ({rule}) in round {round_}", ctx):
-                unifier.unify(float(len(data.train)), rule=rule, commit=False, verify=False)  # collective
+                unifier.unify(weight, rule=rule, commit=False, verify=False)  # collective
             correct, total = per_class_correct(model, data.val, data.num_classes)
             counts += correct + total
     summed = torch.tensor(counts, dtype=torch.float64, device=ctx.wire_device)
