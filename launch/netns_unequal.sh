@@ -7,6 +7,7 @@
 #     epochs   one local epoch each (today's rounds: the fast owner waits for the slow one)
 #     seconds  train.round_seconds=ROUND_SECONDS: every owner trains until the budget has passed
 #     overlap  seconds, plus unify.overlap: round r's unify runs while round r+1 trains
+#     weighted seconds, with weighted_avg weighing each owner by the steps it took (unify.weight_by=steps)
 #   Prints each mode's time to TARGET, its speed-up over the first mode, and each owner's median idle
 #   fraction (unify_s / round_s); writes SUMMARY. Env: RATE (100mbit), SHARE (0.33), TARGET (0.88),
 #   MODES ("epochs seconds overlap"), ROUND_SECONDS (10: about the fast owner's epoch here), OUT
@@ -32,7 +33,8 @@ for mode in ${MODES:-epochs seconds overlap}; do
     epochs) extra=() ;;
     seconds) extra=(--set "train.round_seconds=$seconds") ;;
     overlap) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true) ;;
-    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds or overlap" >&2; exit 2 ;;
+    weighted) extra=(--set "train.round_seconds=$seconds" --set unify.rule=weighted_avg --set unify.weight_by=steps) ;;
+    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds, overlap or weighted" >&2; exit 2 ;;
   esac
   echo "$me: [$mode]"
   netns_run_pair "$out/$mode" "$port" unified_test_acc -m unify_dist train "${common[@]}" "${extra[@]}" \

@@ -32,10 +32,10 @@ def _progress(rank: int, n: int, round_: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(100 * round_ + rank)) * (rank + 1) * 0.1
 
 
-def _overlapped(rank: int, world: int) -> dict:
+def _overlapped(rank: int, world: int, start: str) -> dict:
     model = _model()
     flat = FlatState(model, tail=tail_size(world, model))
-    unifier = OverlappedUnifier(model, flat, UnifyConfig(), dist.new_group(backend="gloo"))
+    unifier = OverlappedUnifier(model, flat, UnifyConfig(overlap_start=start), dist.new_group(backend="gloo"))
     held, own, digests = [], [], []
     for round_ in range(1, ROUNDS + 1):
         unifier.begin_round()
@@ -47,27 +47,29 @@ def _overlapped(rank: int, world: int) -> dict:
     return {"held": held, "own": own, "digests": digests, "final": flat.values.clone()}
 
 
-def _by_hand(world: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], torch.Tensor]:
-    """a_1 = start; at the end of round r: a_r = mean(s_{r-1}), x_i <- x_i - s_{r-1,i} + a_r, s_{r,i} = x_i."""
+def _by_hand(world: int, begin: str) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], torch.Tensor]:
+    """a_1 = start; a round starts from b_i (own: x_i; eager: a + (x_i - a) / W; unified: a); at the end of
+    round r: a_r = mean(s_{r-1}), x_i <- x_i - b_i + a_r, s_{r,i} = x_i."""
     start = FlatState(_model()).values.clone()
     x = [start.clone() for _ in range(world)]
     sent, unified = None, start.clone()
     held, own = [], []
     for round_ in range(1, ROUNDS + 1):
-        own.append([xi.clone() for xi in x])
-        x = [xi + _progress(i, start.numel(), round_) for i, xi in enumerate(x)]
+        b = {"own": x, "eager": [unified + (xi - unified) / world for xi in x], "unified": [unified] * world}[begin]
+        own.append([bi.clone() for bi in b])
+        x = [bi + _progress(i, start.numel(), round_) for i, bi in enumerate(b)]
         if sent is not None:
             unified = torch.stack(sent).mean(0)
-            x = [xi - si + unified for xi, si in zip(x, sent)]
+            x = [xi - bi + unified for xi, bi in zip(x, b)]
         sent = [xi.clone() for xi in x]
         held.append(unified)
     return held, own, torch.stack(sent).mean(0)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_overlapped_schedule_by_hand_on_every_rank(world: int) -> None:
-    results = run_world(_overlapped, world)
-    held, own, final = _by_hand(world)
+@pytest.mark.parametrize(("world", "start"), [(2, "own"), (3, "own"), (3, "eager"), (2, "unified")])
+def test_overlapped_schedule_by_hand_on_every_rank(world: int, start: str) -> None:
+    results = run_world(_overlapped, world, start)
+    held, own, final = _by_hand(world, start)
     for rank, r in enumerate(results):
         assert r["digests"] == results[0]["digests"] and None not in r["digests"]
         for round_ in range(ROUNDS):
@@ -76,7 +78,10 @@ def test_overlapped_schedule_by_hand_on_every_rank(world: int) -> None:
             torch.testing.assert_close(r["own"][round_], own[round_][rank], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["final"], final, rtol=1e-5, atol=1e-6)
         assert torch.equal(r["final"], results[0]["final"])
-    assert not torch.equal(results[0]["own"][2], results[1]["own"][2])  # owners train on their own weights
+    if start != "unified":
+        assert not torch.equal(results[0]["own"][2], results[1]["own"][2])  # owners train on their own weights
+    else:
+        assert torch.equal(results[0]["own"][2], results[0]["held"][1])  # round 3 trains from round 2's unified state
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -109,7 +114,9 @@ def test_overlap_through_the_program_resumes_bit_identical(tmp_path: Path, data_
      (RunConfig(unify=UnifyConfig(overlap=True, compare=["max"])), "side-by-side candidates"),
      (RunConfig(unify=UnifyConfig(overlap=True), trust=TrustConfig(enabled=True, roster="pyproject.toml", key="k",
                                                                     owner="o")), "sealed ring"),
-     (RunConfig(unify=UnifyConfig(overlap=True), train=TrainConfig(scaffold=True)), "SCAFFOLD")],
+     (RunConfig(unify=UnifyConfig(overlap=True), train=TrainConfig(scaffold=True)), "SCAFFOLD"),
+     (RunConfig(unify=UnifyConfig(overlap=True, overlap_start="late")), "unify.overlap_start"),
+     (RunConfig(unify=UnifyConfig(overlap_start="eager")), "unify.overlap is off")],
 )  # fmt: skip
 def test_overlap_refuses_what_it_does_not_serve(cfg: RunConfig, words: str) -> None:
     (problem,) = cfg.problems()

@@ -256,6 +256,11 @@ class UnifyConfig:
     """FedNova: each owner's update is divided by its local step count and the unified update multiplied by
     the owners' mean step count (weighted as the rule weighs them), so an owner that took more steps does not
     pull harder. avg and weighted_avg only; forces update space; the loop passes the counts (unify(steps=N))."""
+    overlap_start: str = "own"
+    """With overlap, where each round's training starts while the previous round's unify is in flight: own
+    (the owner's own weights, all its unsent progress: Streaming DiLoCo's merge), eager (the unified state
+    plus 1/W of its unsent progress, its own share of the mean in flight), or unified (the unified state:
+    one round stale). On label-skewed owners own drifts each owner towards its own classes."""
     weight_by: str = "data"
     """What weighted_avg weighs each owner by in the program: data (its training images, FedAvg's weighting) or
     steps (the local steps it took this round: under train.round_seconds, what it really trained on, so a
@@ -411,11 +416,18 @@ def _normalize_problems(cfg: "UnifyConfig") -> list[str]:
     return []
 
 
+OVERLAP_STARTS = ("own", "eager", "unified")
+
+
 def _overlap_problems(cfg: "UnifyConfig") -> list[str]:
     """unify.overlap: the combinations it has been built and tested for, the others refused with the reason."""
     if not cfg.overlap:
-        return []
+        return [] if cfg.overlap_start == "own" else [
+            f"unify.overlap_start = '{cfg.overlap_start}' says where overlapped rounds start, and unify.overlap is off; "
+            "set overlap = true, or leave overlap_start out"]  # fmt: skip
     out = []
+    if cfg.overlap_start not in OVERLAP_STARTS:
+        out.append(choice("unify.overlap_start", cfg.overlap_start, OVERLAP_STARTS))
     if cfg.rule not in ("avg", "weighted_avg"):
         out.append(f"unify.overlap serves avg and weighted_avg, not unify rule '{cfg.rule}' (robust and vote rules are "
                    "untested in the background unify); set overlap = false or rule = 'avg'")  # fmt: skip

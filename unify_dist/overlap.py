@@ -5,9 +5,17 @@ process group (so its collectives never interleave with the main thread's), and 
 the end of round r+1 it takes the result and keeps its own round-(r+1) progress on top, as Streaming
 DiLoCo merges (one round of delay):
 
+    start of round r+1: x <- b_r, where round r+1's training starts (unify.overlap_start):
+                          own      b_r = s_r              all of the owner's progress not yet unified
+                          eager    b_r = a_r + (s_r - a_r) / W   its own share of the mean in flight
+                          unified  b_r = a_r              the state every owner holds: one round stale
     end of round r+1:   a_{r+1} = unify of the owners' round-r weights          (waits only if not done yet)
-                        x <- a_{r+1} + (x - s_r)                                 (s_r: the weights sent in round r)
+                        x <- a_{r+1} + (x - b_r)                                 (s_r: the weights sent in round r)
                         s_{r+1} = x; unify of s_{r+1} starts in the background   (its update: round r+1's progress)
+
+`own` is Streaming DiLoCo's merge. On label-skewed owners it lets each owner train a second round on top
+of its own unaveraged drift, and the mean of such updates lands far from the blocking run's (the H split:
+docs/performance.md, "Overlap's accuracy"); eager and unified start closer to the consensus.
 
 What is identical on every owner after round r: the unified state a_r that every owner applies at the
 end of round r, the unify of the owners' round-(r-1) weights (a_1: the common start). It is what the
@@ -79,6 +87,7 @@ class OverlappedUnifier:
 
     def __init__(self, model: nn.Module, flat: FlatState, cfg: UnifyConfig, group: dist.ProcessGroup):
         self.flat, self.group = flat, group
+        self.start_from = cfg.overlap_start  # where each round's training starts (module docstring)
         self.shadow = FlatState(copy.deepcopy(model), tail=flat.tail.numel())  # what the background unifies
         self.shadow.values.copy_(flat.values)
         self.shadow.ints.copy_(flat.ints)
@@ -87,13 +96,24 @@ class OverlappedUnifier:
         self.own = (flat.values.clone(), flat.ints.clone())  # x: this owner's weights while the model holds a_r
         self.sent = (flat.values.clone(), flat.ints.clone())  # s: the weights of the unify in flight
         self.unified = (flat.values.clone(), flat.ints.clone())  # a_r: identical on every owner
+        self.start = (flat.values.clone(), flat.ints.clone())  # where this round's training began
         self.pending: _Pending | None = None
         self.launch: dict[str, Any] = {}  # the unify in flight: its arguments and the background state before it
 
     # ------------------------------------------------------------------------------------ rounds
     def begin_round(self) -> None:
-        """Put this owner's own weights back into the model (between rounds it holds the unified state)."""
-        _set(_pair(self.flat), self.own)
+        """Put the weights this round trains from into the model (between rounds it holds the unified state):
+        the owner's own (overlap_start = own), the unified state plus 1/W of its own unsent progress (eager),
+        or the unified state (unified). Integer buffers (counters) are always the owner's own."""
+        values, ints = self.start
+        if self.start_from == "own":
+            values.copy_(self.own[0])
+        elif self.start_from == "eager":  # a_r + (x - a_r) / W: its own share of the mean still in flight
+            torch.sub(self.own[0], self.unified[0], out=values).div_(dist.get_world_size(self.group)).add_(self.unified[0])
+        else:
+            values.copy_(self.unified[0])
+        ints.copy_(self.own[1])
+        _set(_pair(self.flat), self.start)
 
     def unify(self, weight: float = 1.0, *, rule: str | None = None, steps: int = 0) -> UnifyOutcome:
         """Apply the previous round's unify (waiting for it if needed), start this round's, and leave the
@@ -106,8 +126,8 @@ class OverlappedUnifier:
             done = self.pending.wait()  # the only place an owner can be kept waiting
             self.pending = None
             _set(self.unified, _pair(self.shadow))
-            x.sub_(self.sent[0]).add_(self.unified[0])  # this round's own progress on top of the unified state
-            x_ints.sub_(self.sent[1]).add_(self.unified[1])
+            x.sub_(self.start[0]).add_(self.unified[0])  # this round's own progress on top of the unified state
+            x_ints.sub_(self.start[1]).add_(self.unified[1])
             skipped, digests, sent = done.skipped, done.digests, done.bytes_sent
         else:  # the first round (or a run resumed with nothing in flight): the common start, proven here
             _set(_pair(self.shadow), self.unified)
