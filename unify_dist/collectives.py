@@ -12,9 +12,9 @@ The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here
   compressed          sums of updates under unify.compress (Collective.compressed_sum): bf16/fp16 one
                       all_gather of 16-bit rows, int8 an all_reduce MAX of block scales then one SUM of int8.
 
-Over gloo every all_gather posts its receives before its sends (unify_dist.exchange): gloo's own sends
-first, and on a slow link one direction then waits behind the other's data (resnet18's bf16 gather over
-20 Mbit/s: 14.5 s, against 9.7 s receive-first).
+Over gloo every all_gather and all_to_all posts its receives before its sends (unify_dist.exchange):
+gloo's own send first, and on a slow link one direction then waits behind the other's data (resnet18's
+bf16 gather over 20 Mbit/s: 14.5 s, against 9.7 s receive-first).
 
 Non-finite weights are caught before anything is combined. Each owner checks its own values (on the sum
 paths, in the same cache-sized pass that scales them: see Collective._scale_and_check); a sick
@@ -170,26 +170,26 @@ class Collective:
         else:
             self.reducer.all_reduce(tensor, op)
 
-    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False) -> dist.Work | None:
+    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False, tag: int = 0) -> exchange.Pending | dist.Work | None:
         """Every gather here: gloo's with every receive posted first (unify_dist.exchange), or the reducer's.
 
-        async_op: torch's own gather, returning the work to wait on (narrow.py's pipeline of chunks); a
-        reducer's gather (trust's sealed ring) is synchronous and returns None.
+        async_op: returns what to wait() on (narrow.py's pipeline of chunks), the exchange left in flight;
+        exchanges in flight together need their own `tag` (unify_dist.exchange). A reducer's gather
+        (trust's sealed ring) is synchronous and returns None.
         """
         self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size()
         if self.reducer is not None:
             self.reducer.all_gather(out, tensor)
             return None
-        if async_op:
-            return dist.all_gather(out, tensor, group=self.group, async_op=True)
-        exchange.all_gather(out, tensor, self.group)
-        return None
+        return exchange.all_gather(out, tensor, self.group, async_op=async_op, tag=tag)
 
-    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False) -> dist.Work | None:
-        """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r. gloo's or NCCL's
-        only: a reducer (trust's sealed ring) offers all_reduce and all_gather, so its callers gather instead."""
+    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False, tag: int = 0) -> exchange.Pending | dist.Work | None:
+        """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r; over gloo with
+        every receive posted first (unify_dist.exchange), else torch's (NCCL). async_op and tag as
+        _all_gather's. gloo's or NCCL's only: a reducer (trust's sealed ring) offers all_reduce and
+        all_gather, so its callers gather instead."""
         self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size() // self.world
-        return dist.all_to_all_single(out, tensor, group=self.group, async_op=async_op)
+        return exchange.all_to_all(out, tensor, self.group, async_op=async_op, tag=tag)
 
     def find_nonfinite(self) -> str | None:
         """The name of a tensor of this owner's state holding NaN/Inf, '?' if only the sum overflowed, else None."""

@@ -84,7 +84,9 @@ def _unify_sharded(core: Collective, buffer: Tensor, combine, weights: Tensor, h
 
     Pipelined: chunk k+1's all_to_all and chunk k's all_gather are on the wire while chunk k is combined,
     so the widening and the rule's arithmetic hide behind the link instead of adding to it. Two sets of
-    scratch buffers alternate; every rank issues the same collectives in the same order.
+    scratch buffers alternate; every rank issues the same collectives in the same order. Up to three
+    exchanges are in flight at once between the same owners (chunk k+1's all_to_all, chunks k-1's and
+    k's all_gathers), so each chunk's two exchanges carry their own tags: 2k+1 and 2k+2.
     """
     n, world, size = buffer.numel(), core.world, buffer.element_size()
     chunk = min(core.chunk_elements, max(n, 1))
@@ -104,7 +106,8 @@ def _unify_sharded(core: Collective, buffer: Tensor, combine, weights: Tensor, h
         (start, end), b, p = spans[k], k % 2, part(k)
         send[b][: end - start] = buffer[start:end]
         send[b][end - start : world * p].zero_()  # padding: combined, then never read
-        return core._all_to_all(received[b][: world * p * size], send[b][: world * p].view(torch.uint8), async_op=True)
+        return core._all_to_all(received[b][: world * p * size], send[b][: world * p].view(torch.uint8),
+                                async_op=True, tag=2 * k + 1)  # fmt: skip
 
     def land(b: int) -> None:  # wait for a chunk's all_gather and write the combined chunk back
         if gathers[b] is not None:
@@ -124,6 +127,7 @@ def _unify_sharded(core: Collective, buffer: Tensor, combine, weights: Tensor, h
         stacked = (stacked if every else stacked[healthy]).to(wide)
         mine[b][:p] = combine(stacked, weights.to(wide)).to(buffer.dtype)
         parts = [gathered[b][r * p * size : (r + 1) * p * size] for r in range(world)]
-        gathers[b] = (core._all_gather(parts, mine[b][:p].view(torch.uint8), async_op=True), start, end)  # collective
+        work = core._all_gather(parts, mine[b][:p].view(torch.uint8), async_op=True, tag=2 * k + 2)  # collective
+        gathers[b] = (work, start, end)
     land(0)
     land(1)
