@@ -5,6 +5,8 @@ global ones; the async all_to_all and all_gather, several in flight at once, eac
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -96,15 +98,15 @@ def _in_flight(rank: int, world: int, dtype: torch.dtype) -> list[tuple[torch.Te
             send = torch.cat([_value(rank, dst, e, dtype, n) for dst in range(world)])
             out = torch.full_like(send, 7)
             expected = torch.cat([_value(src, rank, e, dtype, n) for src in range(world)])
-            jobs.append((lambda out=out, send=send, tag=e + 1: exchange.all_to_all(out, send, async_op=True, tag=tag),
-                         out, expected, send.clone(), send))  # fmt: skip
+            start = functools.partial(exchange.all_to_all, out, send, async_op=True, tag=e + 1)
+            jobs.append((start, out, expected, send.clone(), send))
         else:  # an all_gather: the same row to every rank, views of one buffer as narrow.py gathers
             mine = _value(rank, 0, e, dtype, world * n)[:n]
             rows = torch.full((world * n,), 7, dtype=dtype)
             parts = list(rows.split(n))
             expected = torch.cat([_value(src, 0, e, dtype, world * n)[:n] for src in range(world)])
-            jobs.append((lambda parts=parts, mine=mine, tag=e + 1: exchange.all_gather(parts, mine, async_op=True, tag=tag),
-                         rows, expected, mine.clone(), mine))  # fmt: skip
+            start = functools.partial(exchange.all_gather, parts, mine, async_op=True, tag=e + 1)
+            jobs.append((start, rows, expected, mine.clone(), mine))
     order = jobs if rank % 2 == 0 else jobs[::-1]
     pending = [start() for start, *_ in order]
     for p in pending[::-1]:  # waited in another order again

@@ -177,7 +177,8 @@ class Collective:
         else:
             self.reducer.all_reduce(tensor, op)
 
-    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False, tag: int = 0) -> exchange.Pending | dist.Work | None:
+    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False,
+                    tag: int = 0) -> exchange.Pending | dist.Work | None:  # fmt: skip
         """Every gather here: gloo's with every receive posted first (unify_dist.exchange), or the reducer's.
 
         async_op: returns what to wait() on (narrow.py's pipeline of chunks), the exchange left in flight;
@@ -190,7 +191,8 @@ class Collective:
             return None
         return exchange.all_gather(out, tensor, self.group, async_op=async_op, tag=tag)
 
-    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False, tag: int = 0) -> exchange.Pending | dist.Work | None:
+    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False,
+                    tag: int = 0) -> exchange.Pending | dist.Work | None:  # fmt: skip
         """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r; over gloo with
         every receive posted first (unify_dist.exchange), else torch's (NCCL). async_op and tag as
         _all_gather's. gloo's or NCCL's only: a reducer (trust's sealed ring) offers all_reduce and
