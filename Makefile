@@ -80,6 +80,7 @@ bench-unequal: $(STAMP) data
 
 # A compressed unify (bf16, int8) against plain avg over one shaped 20 Mbit link between two network
 # namespaces (root), resnet18, 3 rounds: ratios against issue 19's targets; results/bench_compress.json.
+# OWNERS=4 (and e.g. RATE=100mbit): 4 owners, each behind its own link (the sharded 16-bit sum).
 bench-compress: $(STAMP)
 	PYTHON=$(PY) launch/netns_bench_compress.sh
 

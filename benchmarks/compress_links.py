@@ -49,11 +49,14 @@ class WireClock:
     """Time spent inside the wire calls a unify makes, and their count, while in a `with` block.
 
     Wraps the module attributes the collective layer calls (torch.distributed's all_reduce and
-    all_gather, exchange's all_gather and pairwise_sum_); a call made inside another (pairwise_sum_'s
-    gather) counts once.
+    all_gather, exchange's all_gather, all_to_all and pairwise_sum_); a call made inside another
+    (pairwise_sum_'s gather) counts once. An async exchange (the sharded 16-bit sum of 4 or more owners)
+    counts only while it is started, not while it is waited on: there wire_s is too small and local_s
+    too large, and only unify_s is the whole truth.
     """
 
-    NAMES = ((dist, "all_reduce"), (dist, "all_gather"), (exchange, "all_gather"), (exchange, "pairwise_sum_"))
+    NAMES = ((dist, "all_reduce"), (dist, "all_gather"), (exchange, "all_gather"), (exchange, "all_to_all"),
+             (exchange, "pairwise_sum_"))  # fmt: skip
 
     def __init__(self) -> None:
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, []
@@ -161,7 +164,8 @@ def summarise(everyone: list[dict[str, list[list[float]]]], rate: float) -> dict
 
 
 def _print(summary: dict[str, Any], rate: str, rounds: int, model: str) -> None:
-    print(f"compressed unify over a {rate} link, {model}, 2 owners, medians of {rounds} rounds (slowest owner):")
+    print(f"compressed unify over a {rate} link, {model}, {summary['owners']} owners, medians of {rounds} rounds "
+          "(slowest owner):")  # fmt: skip
     print(f"{'compress':9s} {'unify':>8s} {'wire':>8s} {'local':>7s} {'calls':>5s} {'MB sent':>8s} {'floor':>8s} {'Mbit/s':>7s}")
     for mode, m in summary["modes"].items():
         floor = f"{m['link_floor_s']:.2f} s" if m["link_floor_s"] is not None else "-"
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         everyone = [_unflatten(v, args.rounds) for v in gather_floats(flat)]  # collective
         if dist.get_rank() == 0:
             summary = summarise(everyone, rate) | {"rate": args.rate, "model": args.model, "rounds": args.rounds,
-                                                   "load": os.getloadavg()}  # fmt: skip
+                                                   "owners": len(everyone), "load": os.getloadavg()}  # fmt: skip
             _print(summary, args.rate, args.rounds, args.model)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")

@@ -15,7 +15,8 @@
 #   links_rate RATE             re-shape every link to RATE
 #   links_exec I CMD...         run CMD on host I (one torch thread, unbuffered output)
 #   links_torchrun I NODE_RANK PORT RDZV_ID ARGS...
-#                               one torchrun agent with one rank on host I; node 0 (on host 0) hosts the store
+#                               one torchrun agent with one rank on host I; node 0 (on host 0) hosts the store;
+#                               LINKS_NNODES agents in all (2 unless set)
 #   links_sample I FILE         in the background: every 0.2 s, "time tx_bytes" of host I's veth to FILE
 #   links_stop                  SIGTERM (then SIGKILL) every process in the namespaces (all started here)
 LINKS_TAG=${LINKS_TAG:-ud} LINKS_HOSTS=${LINKS_HOSTS:-3}
@@ -100,9 +101,9 @@ links_torchrun() {  # I NODE_RANK PORT RDZV_ID ARGS...: talks over host I's link
   local i=$1 node_rank=$2 port=$3 id=$4
   shift 4
   # The namespaces share one hostname, so name each agent by its address; node 0 hosts the store.
-  links_exec "$i" "$(netns_python)" -m torch.distributed.run --nnodes=2 --node_rank="$node_rank" --nproc_per_node=1 \
-    --local-addr="${LINKS_IP[$i]}" --rdzv-backend=c10d --rdzv-endpoint="${LINKS_IP[0]}:$port" --rdzv-id="$id" \
-    --rdzv-conf="is_host=$((1 - node_rank))" "$@"
+  links_exec "$i" "$(netns_python)" -m torch.distributed.run --nnodes="${LINKS_NNODES:-2}" --node_rank="$node_rank" \
+    --nproc_per_node=1 --local-addr="${LINKS_IP[$i]}" --rdzv-backend=c10d --rdzv-endpoint="${LINKS_IP[0]}:$port" \
+    --rdzv-id="$id" --rdzv-conf="is_host=$((node_rank == 0 ? 1 : 0))" "$@"
 }
 
 links_sample() {  # I FILE: read inside the namespace (its own /sys), no process forked per sample but sleep

@@ -335,3 +335,77 @@ def test_the_sealed_ring_carries_compressed_updates_to_the_same_bits(world: int)
             assert torch.equal(values, values_sealed) and digest == digest_sealed
         for other in per_rank[1:]:
             assert [d for _, d in other[(mode, True)]] == [d for _, d in plain]
+
+
+# ------------------------------------------------------------------------------------ 4 owners: sharded 16 bits
+def _sharded_half(rank: int, world: int, chunk: int) -> dict:
+    """bf16 / fp16 at 4 owners (the sharded sum): one weighted round with every owner healthy, one with
+    owner 1 sick, `chunk` elements per chunk; values, digest, bytes and any warning at construction."""
+    import warnings
+
+    out = {}
+    for mode in ("bf16", "fp16"):
+        for sick in (False, True):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model, flat, unifier = _unifier(world, rule="weighted_avg", compress=mode, nonfinite="skip",
+                                                chunk_elements=chunk)  # fmt: skip
+            model.steps.fill_(5 + rank)
+            flat.values.add_(_update(rank))
+            if sick and rank == 1:
+                flat.values[7] = float("nan")
+            outcome = unifier.unify(weight=_odd_weight(rank))  # verify=True: DivergenceError if any rank differs
+            out[(mode, sick)] = (flat.values.clone(), outcome.digest, outcome.bytes_sent, outcome.skipped,
+                                 int(model.steps), [str(w.message) for w in caught])  # fmt: skip
+    return out
+
+
+def _odd_weight(rank: int) -> float:
+    """Weights with full float32 mantissas: the products round, so the order of the sum shows in its bits."""
+    return 1.0 / (rank + 3)
+
+
+def _half_sum(mode: str, healthy: list[int]) -> torch.Tensor:
+    """The gather path's arithmetic, written out: each healthy owner's 16-bit update widened, times its
+    weight, summed in float32 in rank order, times 1 / the total weight."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    total = sum(float(torch.tensor(_odd_weight(r))) for r in healthy)  # weights travel as float32
+    acc = torch.zeros(N)
+    for i, r in enumerate(healthy):
+        row = _update(r).to(dtype).float().mul_(_odd_weight(r))
+        acc = row if i == 0 else acc.add_(row)
+    return acc.mul_(1.0 / total)
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 300])  # one chunk; 4 chunks of 300, the last short
+def test_four_owners_sum_16_bit_updates_in_shards_to_the_gather_paths_bits(chunk: int) -> None:
+    """From 4 owners the 16-bit sum is sharded (all_to_all of 16-bit shards, all_gather of float32 sums):
+    the same bits as summing every owner's rows on every owner, 3/4 of the gather's bytes, no warning."""
+    world = 4
+    per_rank = run_world(_sharded_half, world, chunk)
+    spans = [min(chunk, N - s) for s in range(0, N, chunk)]
+    # headers (flag, weight, one counter) gathered; per chunk an all_to_all of 2-byte and a gather of 4-byte shards
+    expected_bytes = (world - 1) * 16 + sum((world - 1) * (2 + 4) * -(-n // world) for n in spans)
+    for mode in ("bf16", "fp16"):
+        for sick in (False, True):
+            healthy = [r for r in range(world) if not (sick and r == 1)]
+            reference = _half_sum(mode, healthy)
+            for result in per_rank:
+                values, digest, sent, skipped, steps, warned = result[(mode, sick)]
+                assert torch.equal(values, reference), (mode, sick, float((values - reference).abs().max()))
+                assert digest == per_rank[0][(mode, sick)][1] and skipped == ([1] if sick else [])
+                assert steps == 5 + world - 1 and warned == []
+                assert sent == expected_bytes < (world - 1) * (16 + 2 * N)
+
+
+def test_sixteen_bits_through_a_reducer_at_four_owners_warn_of_their_bytes() -> None:
+    from unify_dist.unifier import _check_compress_world
+
+    with pytest.warns(UserWarning, match="through a reducer"):
+        _check_compress_world("bf16", 4, reducer=object())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_compress_world("bf16", 4, reducer=None)  # sharded: 3/4 of avg's bytes, nothing to warn of
+        _check_compress_world("fp16", 3, reducer=object())

@@ -1,8 +1,11 @@
 """unify_dist.exchange on real gloo groups: the receive-first all_gather (itself and through HostStaged)
 against torch's, and the two-owner integer sum against torch's all_reduce, on WORLD and on a subgroup whose ranks are not the
-global ones. (Its speed over a slow link is `make bench-compress`'s to show, not a test's.)"""
+global ones; the async all_to_all and all_gather, several in flight at once, each kept apart by its tag.
+(Their speed over a slow link is `make bench-compress`'s and `make bench-lora-links`' to show, not a test's.)"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -75,3 +78,55 @@ def test_pairwise_sum_of_two_owners_equals_all_reduce(world: int) -> None:
             assert torch.equal(ours, expected)
     if world == 2:
         assert torch.equal(results[0][1], results[1][1])
+
+
+def _value(src: int, dst: int, exchange_id: int, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """What rank `src` sends rank `dst` in one exchange: different for every (src, dst, exchange)."""
+    g = torch.Generator().manual_seed(1000 * exchange_id + 10 * src + dst)
+    return (torch.randn(n, generator=g) * 50).to(dtype)
+
+
+def _in_flight(rank: int, world: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two all_to_alls and two all_gathers in flight at once, each with its own tag, of equal sizes (so a
+    message matched to the wrong exchange lands silently, and only its values can tell): issued in one
+    order on even ranks and in the reverse order on odd ones, which only the tags can keep apart.
+    Returns (got, expected) pairs."""
+    n = 257  # odd: no tidy alignment
+    jobs = []
+    for e in range(4):
+        if e % 2 == 0:  # an all_to_all: part r for rank r
+            send = torch.cat([_value(rank, dst, e, dtype, n) for dst in range(world)])
+            out = torch.full_like(send, 7)
+            expected = torch.cat([_value(src, rank, e, dtype, n) for src in range(world)])
+            start = functools.partial(exchange.all_to_all, out, send, async_op=True, tag=e + 1)
+            jobs.append((start, out, expected, send.clone(), send))
+        else:  # an all_gather: the same row to every rank, views of one buffer as narrow.py gathers
+            mine = _value(rank, 0, e, dtype, world * n)[:n]
+            rows = torch.full((world * n,), 7, dtype=dtype)
+            parts = list(rows.split(n))
+            expected = torch.cat([_value(src, 0, e, dtype, world * n)[:n] for src in range(world)])
+            start = functools.partial(exchange.all_gather, parts, mine, async_op=True, tag=e + 1)
+            jobs.append((start, rows, expected, mine.clone(), mine))
+    order = jobs if rank % 2 == 0 else jobs[::-1]
+    pending = [start() for start, *_ in order]
+    for p in pending[::-1]:  # waited in another order again
+        p.wait()
+    out = []
+    for _, got, expected, before, sent in jobs:
+        out.append((got, expected))
+        out.append((sent, before))  # what was sent is left as it was
+    # and the same exchanges through torch's collectives, for the bits
+    theirs = torch.empty_like(jobs[0][1])
+    dist.all_to_all_single(theirs, jobs[0][4])
+    out.append((jobs[0][1], theirs))
+    return out
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_async_exchanges_in_flight_together_each_get_their_own_messages(world: int, dtype: torch.dtype) -> None:
+    for pairs in run_world(_in_flight, world, dtype):
+        assert len(pairs) == 9
+        for got, expected in pairs:
+            assert got.dtype == expected.dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+

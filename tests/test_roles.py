@@ -201,3 +201,23 @@ def test_narrow_buffers_send_an_all_reduces_bytes_and_unify_to_the_pure_rule(wor
     bound = 1.01 * 2 * (world - 1) / world * payload + 200
     assert all(r["sent"] < bound for r in results), [r["sent"] for r in results]
     assert len({r["digest"] for r in results}) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_narrow_value_is_named_and_a_large_finite_one_is_not(bad: float) -> None:
+    """find_nonfinite_narrow: exact in the buffer's own dtype; fp16 values whose sum overflows are finite."""
+    from unify_dist.flat import FlatState
+
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.LayerNorm(10))
+    model[0].to(torch.float16)
+    model[1].to(torch.bfloat16)
+    flat = FlatState(model, tail=8)
+    assert set(flat.narrow) == {torch.float16, torch.bfloat16}
+    with torch.no_grad():
+        model[0].weight.fill_(60000.0)  # the fp16 buffer's sum overflows; every value is finite
+        assert flat.find_nonfinite_narrow() is None
+        model[1].bias[4] = bad
+        assert flat.find_nonfinite_narrow() == "1.bias"
+        model[1].bias[4] = 0.0
+        model[0].weight[3, 7] = bad
+        assert flat.find_nonfinite_narrow() == "0.weight"

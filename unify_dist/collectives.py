@@ -10,11 +10,13 @@ The path is the rule's `collective` (unify_dist.rules.RuleSpec), so no code here
   gather              the owners' values gathered chunk by chunk, and the pure reference applied:
                       extra memory owners x chunk_elements. Any registered rule runs this way.
   compressed          sums of updates under unify.compress (Collective.compressed_sum): bf16/fp16 one
-                      all_gather of 16-bit rows, int8 an all_reduce MAX of block scales then one SUM of int8.
+                      all_gather of 16-bit rows (from 4 owners sharded: an all_to_all of 16-bit shards, an
+                      all_gather of their float32 sums), int8 an all_reduce MAX of block scales then one
+                      SUM of int8.
 
-Over gloo every all_gather posts its receives before its sends (unify_dist.exchange): gloo's own sends
-first, and on a slow link one direction then waits behind the other's data (resnet18's bf16 gather over
-20 Mbit/s: 14.5 s, against 9.7 s receive-first).
+Over gloo every all_gather and all_to_all posts its receives before its sends (unify_dist.exchange):
+gloo's own send first, and on a slow link one direction then waits behind the other's data (resnet18's
+bf16 gather over 20 Mbit/s: 14.5 s, against 9.7 s receive-first).
 
 Non-finite weights are caught before anything is combined. Each owner checks its own values (on the sum
 paths, in the same cache-sized pass that scales them: see Collective._scale_and_check); a sick
@@ -39,6 +41,7 @@ from unify_dist import exchange
 from unify_dist.flat import FlatState
 from unify_dist.rules import KEY_DTYPES, RuleSpec, absmax_keys_, absmax_unkeys_
 from unify_dist.secure import SecureSum
+from unify_dist.sharded import sharded_combine
 from unify_dist.wrappers import (
     COMPRESS_BLOCK, HALF_DTYPES, ErrorFeedback, block_absmax, dequantize_int8, int8_levels, quantize_int8, to_half,
 )  # fmt: skip
@@ -80,6 +83,10 @@ def tail_size(world_size: int, model: nn.Module | None = None) -> int:
 
 INT_PIECES = 3
 """Integers ride in the float tail as three pieces, each exact in float32: bits 48-63 (signed), 24-47, 0-23."""
+
+SHARDED_HALF_OWNERS = 4
+"""From this many owners the 16-bit compressed sum runs sharded (Collective._half_gather): fewer bytes than
+gathering every owner's rows; at 3 owners both send 4 bytes per element, and the gather is one exchange."""
 
 INT_RULES = ("max", "min")
 """How unified integer buffers combine over owners (UnifyConfig.int_rule): max (the furthest counter) or min."""
@@ -170,26 +177,28 @@ class Collective:
         else:
             self.reducer.all_reduce(tensor, op)
 
-    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False) -> dist.Work | None:
+    def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False,
+                    tag: int = 0) -> exchange.Pending | dist.Work | None:  # fmt: skip
         """Every gather here: gloo's with every receive posted first (unify_dist.exchange), or the reducer's.
 
-        async_op: torch's own gather, returning the work to wait on (narrow.py's pipeline of chunks); a
-        reducer's gather (trust's sealed ring) is synchronous and returns None.
+        async_op: returns what to wait() on (narrow.py's pipeline of chunks), the exchange left in flight;
+        exchanges in flight together need their own `tag` (unify_dist.exchange). A reducer's gather
+        (trust's sealed ring) is synchronous and returns None.
         """
         self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size()
         if self.reducer is not None:
             self.reducer.all_gather(out, tensor)
             return None
-        if async_op:
-            return dist.all_gather(out, tensor, group=self.group, async_op=True)
-        exchange.all_gather(out, tensor, self.group)
-        return None
+        return exchange.all_gather(out, tensor, self.group, async_op=async_op, tag=tag)
 
-    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False) -> dist.Work | None:
-        """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r. gloo's or NCCL's
-        only: a reducer (trust's sealed ring) offers all_reduce and all_gather, so its callers gather instead."""
+    def _all_to_all(self, out: Tensor, tensor: Tensor, async_op: bool = False,
+                    tag: int = 0) -> exchange.Pending | dist.Work | None:  # fmt: skip
+        """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r; over gloo with
+        every receive posted first (unify_dist.exchange), else torch's (NCCL). async_op and tag as
+        _all_gather's. gloo's or NCCL's only: a reducer (trust's sealed ring) offers all_reduce and
+        all_gather, so its callers gather instead."""
         self.bytes_sent += (self.world - 1) * tensor.numel() * tensor.element_size() // self.world
-        return dist.all_to_all_single(out, tensor, group=self.group, async_op=async_op)
+        return exchange.all_to_all(out, tensor, self.group, async_op=async_op, tag=tag)
 
     def find_nonfinite(self) -> str | None:
         """The name of a tensor of this owner's state holding NaN/Inf, '?' if only the sum overflowed, else None."""
@@ -375,21 +384,25 @@ class Collective:
         return self._half_gather(feedback, weight, sick, commit)
 
     def _half_gather(self, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
-        """bf16 / fp16: one all_gather of every owner's 16-bit update (plus flag, weight and counters, as
-        raw bytes), then every rank sums the healthy owners' rows in float32 in rank order.
+        """bf16 / fp16: every owner's 16-bit update (plus flag, weight and counters, as raw bytes) to every
+        owner, and the healthy owners' rows summed in float32 in rank order.
 
-        Why a gather and not a 16-bit all_reduce: a SUM in 16 bits rounds (and in fp16 can overflow) at
-        every hop, and that loss is nobody's residual. Here the only loss is each owner's own cast,
-        which its error feedback carries in full, and every rank runs the same float32 additions in
-        the same order, so the result is bit-identical everywhere. The price: (W-1) x 2 bytes per
-        element leave each owner, half of avg's all_reduce for 2 owners, 3/4 for 3, equal for 4.
+        Why not a 16-bit all_reduce: a SUM in 16 bits rounds (and in fp16 can overflow) at every hop, and
+        that loss is nobody's residual. Here the only loss is each owner's own cast, which its error
+        feedback carries in full, and every sum runs the same float32 additions in the same order, so
+        the result is bit-identical everywhere. Two ways, the same bits:
+          gather   (2 or 3 owners, or a reducer) one all_gather of the whole packets, every owner sums
+                   all of it: (W-1) x 2 bytes per element, half of avg's all_reduce for 2 owners, 3/4 for 3;
+          sharded  (4 or more owners, the group's collectives) a small all_gather of the headers, then
+                   unify_dist.sharded: an all_to_all of 16-bit shards, each owner sums its shard, an
+                   all_gather of the float32 sums (kept whole: rounding them to 16 bits would lose what
+                   no owner's residual holds). (W-1)/W x (2 + 4) bytes per element: 4.5 at 4 owners
+                   against the gather's 6 and avg's 6, 5.25 at 8 against 14 and 7.
         """
         values, ints = self.flat.values, self.flat.ints
         dtype, n, k = HALF_DTYPES[feedback.mode], values.numel(), ints.numel()
-        if not self._packets:  # [flag, weight: float32 | counters: int64 | the update: 16 bits], per owner
-            self._packets = [torch.empty(8 + 8 * k + 2 * n, dtype=torch.uint8, device=values.device)
-                             for _ in range(self.world + 1)]  # fmt: skip
-        packet, rows = self._packets[-1], self._packets[:-1]
+        sharded = self.reducer is None and self.world >= SHARDED_HALF_OWNERS and n > 0
+        packet, rows = self._half_packets(8 + 8 * k, 2 * n, sharded)
         packet[:8].view(torch.float32).copy_(torch.tensor([1.0 if sick else 0.0, weight]))
         packet[8 : 8 + 8 * k].view(torch.int64).copy_(ints)
         half = packet[8 + 8 * k :].view(dtype)
@@ -399,7 +412,7 @@ class Collective:
             feedback.add_to(values)  # what earlier rounds could not send
             to_half(values, dtype, half)
             feedback.keep(values, half, commit)
-        self._all_gather(rows, packet)  # collective
+        self._all_gather(rows, packet[: rows[0].numel()])  # collective: the headers (sharded) or everything
         meta = [row[:8].view(torch.float32).tolist() for row in rows]
         flags, weights = [m[0] for m in meta], [m[1] for m in meta]
         total = self._healthy_weight(flags, weights)
@@ -407,9 +420,27 @@ class Collective:
         if total is None:
             return flags
         healthy = [(r, weights[r] if weight != 1.0 else None) for r in range(self.world) if not flags[r]]
-        _sum_rows(values, [rows[r][8 + 8 * k :].view(dtype) for r, _ in healthy], [w for _, w in healthy])
+        if sharded:
+            def shard(stacked: Tensor) -> Tensor:  # every owner's 16-bit shard -> the healthy owners' float32 sum
+                out = torch.empty(stacked.shape[1], dtype=values.dtype, device=values.device)
+                _sum_rows(out, [stacked[r] for r, _ in healthy], [w for _, w in healthy])
+                return out
+
+            sharded_combine(self, half, values, shard)  # collective
+        else:
+            _sum_rows(values, [rows[r][8 + 8 * k :].view(dtype) for r, _ in healthy], [w for _, w in healthy])
         values.mul_(1.0 / total)
         return flags
+
+    def _half_packets(self, header: int, body: int, sharded: bool) -> tuple[Tensor, list[Tensor]]:
+        """This owner's packet (header + 16-bit body) and the rows every owner's arrives in (headers only
+        when sharded), made on first use and kept across rounds."""
+        row = header if sharded else header + body
+        if not self._packets or self._packets[0].numel() != row:
+            device = self.flat.values.device
+            self._packets = [torch.empty(row, dtype=torch.uint8, device=device) for _ in range(self.world)]
+            self._packets.append(torch.empty(header + body, dtype=torch.uint8, device=device))
+        return self._packets[-1], self._packets[:-1]
 
     def _int8_sum(self, feedback: ErrorFeedback, weight: float, sick: bool, commit: bool) -> list[float]:
         """int8: blockwise scales agreed as the MAX over owners (one small all_reduce, which also carries

@@ -12,7 +12,16 @@ before any data, and both directions run at once (docs/performance.md, "Compress
 
 Bytes are the same as a ring all_gather's: (W-1) times a rank's own tensor leave it; the messages go
 straight to each peer instead of around the ring, each peer's first to the next rank's (rank + 1, + 2,
-...) so no rank is everyone's first target.
+...) so no rank is everyone's first target. all_to_all (equal parts) is the same exchange with a
+different part for each peer: (W-1)/W of the tensor leaves each rank.
+
+async_op: the requests are left in flight and a Pending is returned, whose wait() waits for them all
+(narrow.py pipelines chunks this way: one chunk's all_to_all and the previous chunk's all_gather on the
+wire together). Exchanges in flight together between the same ranks each need their own `tag` (a
+point-to-point tag, >= 0), so a message can only be matched to the exchange it belongs to: then the
+order in which ranks start them does not matter here (tests/test_exchange.py starts them in opposite
+orders), but torch's collectives, where receive-first does not apply, need the same order everywhere,
+so every rank issues the same exchanges with the same tags in the same order.
 """
 
 from __future__ import annotations
@@ -20,23 +29,61 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather", "pairwise_sum_"]
+__all__ = ["Pending", "all_gather", "all_to_all", "pairwise_sum_"]
 
 
-def all_gather(out: list[Tensor], tensor: Tensor, group: dist.ProcessGroup | None = None) -> None:
+class Pending:
+    """One exchange's requests in flight; wait() waits for every one of them (the sends' buffers may then
+    be reused, the receives' read)."""
+
+    def __init__(self, requests: list[dist.Work]):
+        self._requests = requests
+
+    def wait(self) -> None:
+        for request in self._requests:
+            request.wait()
+        self._requests = []
+
+
+def all_gather(out: list[Tensor], tensor: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False,
+               tag: int = 0) -> Pending | dist.Work | None:  # fmt: skip
     """out[i] <- rank i's `tensor`, on every rank (a collective); receives first where the group is gloo's
-    and every tensor is a contiguous CPU tensor, else torch's all_gather."""
+    and every tensor is a contiguous CPU tensor, else torch's all_gather. async_op: returns what to wait()
+    on (a Pending, or torch's work), else None once done."""
     if not _receive_first(out, tensor, group):
-        dist.all_gather(out, tensor, group=group)
-        return
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+        return dist.all_gather(out, tensor, group=group, async_op=async_op)
+    rank = dist.get_rank(group)
     if out[rank] is not tensor:
         out[rank].copy_(tensor)
+    return _exchange(out, [tensor] * len(out), group, async_op, tag)
+
+
+def all_to_all(out: Tensor, tensor: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False,
+               tag: int = 0) -> Pending | dist.Work | None:  # fmt: skip
+    """Equal parts: part r of `tensor` goes to rank r, part r of `out` comes from rank r (a collective, as
+    torch's all_to_all_single without split sizes); receives first under _receive_first's conditions,
+    else torch's all_to_all_single. async_op as all_gather's."""
+    world = dist.get_world_size(group)
+    if tensor.numel() % world or out.numel() != tensor.numel() or not _receive_first([out], tensor, group):
+        return dist.all_to_all_single(out, tensor, group=group, async_op=async_op)
+    rank, size = dist.get_rank(group), tensor.numel() // world
+    into, parts = list(out.split(size)), list(tensor.split(size))  # contiguous views: 1-d, equal parts
+    into[rank].copy_(parts[rank])
+    return _exchange(into, parts, group, async_op, tag)
+
+
+def _exchange(into: list[Tensor], parts: list[Tensor], group: dist.ProcessGroup | None, async_op: bool,
+              tag: int) -> Pending | None:  # fmt: skip
+    """into[p] <- what peer p sends; parts[p] -> peer p; every receive posted before any send."""
+    rank, world = dist.get_rank(group), len(into)
     peers = [(rank + k) % world for k in range(1, world)]
-    receives = [dist.irecv(out[p], src=_global(group, p), group=group) for p in peers]  # announced before any data
-    sends = [dist.isend(tensor, dst=_global(group, p), group=group) for p in peers]
-    for request in receives + sends:
-        request.wait()
+    receives = [dist.irecv(into[p], src=_global(group, p), group=group, tag=tag) for p in peers]  # announced first
+    sends = [dist.isend(parts[p], dst=_global(group, p), group=group, tag=tag) for p in peers]
+    pending = Pending(receives + sends)
+    if async_op:
+        return pending
+    pending.wait()
+    return None
 
 
 def pairwise_sum_(tensor: Tensor, scratch: Tensor, group: dist.ProcessGroup | None = None) -> bool:
