@@ -42,7 +42,7 @@ TARGETS = {
     "overhead_unify_over_flower_legacy": 0.5,
     "overhead_unify_bf16_over_flower_legacy": 0.25,
     "tta_unify_over_flower": 0.6,
-    "tta_unify_over_ddp": 0.30,
+    "tta_unify_over_ddp": 0.25,  # issue 19 (issue 14 asked 0.30)
 }
 HEADLINE = ("resnet18", "100mbit")
 # Issue 18: the LLaMA-7B-shaped adapter unified by 4 owners over 100 Mbit, within this much of the floor.
