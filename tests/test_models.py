@@ -195,3 +195,11 @@ def test_paper_cnn_pools_before_relu_with_the_same_bits_as_the_papers_order(chan
     with torch.no_grad():
         assert torch.equal(cnn(x), ref(x))
     assert list(cnn.state_dict()) == list(ref.state_dict())  # checkpoints of either order load in the other
+
+
+def test_pool_relu_benchmark_runs_and_keeps_both_orders_equal(capsys):
+    from benchmarks.pool_relu import main
+
+    assert main(["--repeats", "1", "--steps", "2"]) == 0  # 1: the two orders' weights parted
+    out = capsys.readouterr().out
+    assert "weights still equal: True" in out and out.count("ratio") == 2
