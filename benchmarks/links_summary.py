@@ -42,7 +42,7 @@ TARGETS = {
     "overhead_unify_over_flower_legacy": 0.5,
     "overhead_unify_bf16_over_flower_legacy": 0.25,
     "tta_unify_over_flower": 0.6,
-    "tta_unify_over_ddp": 0.30,
+    "tta_unify_over_ddp": 0.25,  # issue 19 (issue 14 asked 0.30)
 }
 HEADLINE = ("resnet18", "100mbit")
 # Issue 18: the LLaMA-7B-shaped adapter unified by 4 owners over 100 Mbit, within this much of the floor.
@@ -187,6 +187,7 @@ def _tta(run: Path, target: float) -> dict | None:
     hit = next((r for r in rows if r[acc] >= target), None)
     return {
         "kind": kind,
+        "parts": _parts(kind, rows),
         "reached": hit is not None,
         "rounds_run": len(rows),
         "rounds_to_target": rows.index(hit) + 1 if hit else None,
@@ -196,6 +197,20 @@ def _tta(run: Path, target: float) -> dict | None:
         "curve": [[round(r["time"] - launch, 2), round(r[acc], 4)] for r in rows],
         "load": _read(run / "load"),
     }
+
+
+def _parts(kind: str, rows: list[dict]) -> list[dict]:
+    """Where each round's (epoch's) wall time went, from the records: unify-dist's owners' train_s, eval_s
+    (the unified model's forward passes), unify_s and round_s, one figure per owner; DDP's train_s (the
+    epoch, its all_reduce inside) and the rest of its epoch (test evaluation, identity check, record)."""
+    if kind == "ddp":
+        times = [rows[0]["started"]] + [r["time"] for r in rows] if rows else []
+        return [{"train_s": r["train_s"], "rest_s": round(times[i + 1] - times[i] - r["train_s"], 3)}
+                for i, r in enumerate(rows)]  # fmt: skip
+    if kind != "unify":
+        return []
+    keys = ("train_s", "eval_s", "unify_s", "round_s")
+    return [{k: [round(o[k], 3) for o in r["owners"]] for k in keys} for r in rows if all(k in r["owners"][0] for k in keys)]
 
 
 def summarise(runs: Path, target: float, notes: list[str]) -> dict:

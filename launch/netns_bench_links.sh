@@ -18,7 +18,8 @@
 #   Needs root, iproute2, tc, and flwr importable from FLWR_DIR (the Makefile installs it there).
 #   Env: QUICK=1 (paper_cnn at 100mbit, 2 rounds, no time to accuracy: a few minutes), MODELS
 #   ("paper_cnn resnet18"), RATES ("100mbit 20mbit"), TTA (1: run part 2), TTA_RATE (100mbit), TARGET
-#   (0.88), LORA (1: run part 3; QUICK=1 gives it 2 rounds), OUT (runs/bench_links), SUMMARY (results/bench_links.json), PLOT (results/bench_links_tta.png),
+#   (0.88), LORA (1: run part 3; QUICK=1 gives it 2 rounds), FLOWER (1; 0: leave Flower out of every part, so
+#   flwr need not be installed: unify-dist against DDP only), OUT (runs/bench_links), SUMMARY (results/bench_links.json), PLOT (results/bench_links_tta.png),
 #   FLWR_DIR (.flwr), PYTHON (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +39,10 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   models=${MODELS:-paper_cnn resnet18} rates=${RATES:-100mbit 20mbit} tta=${TTA:-1} rounds_cap=0 lora=${LORA:-1} lora_rounds=3
 fi
-if ! PYTHONPATH="$flwr_dir" "$python" -c "import flwr" 2>/dev/null; then
+flower=${FLOWER:-1}
+if [ "$flower" = 1 ] && ! PYTHONPATH="$flwr_dir" "$python" -c "import flwr" 2>/dev/null; then
   echo "$me: flwr is not importable from $flwr_dir; run it through 'make bench-links', which installs it there" >&2
+  echo "$me: (or FLOWER=0 to compare unify-dist with DDP only)" >&2
   exit 2
 fi
 # Flower's processes find flwr (and its CLI) in the side folder, and the app's package in benchmarks/flower_app.
@@ -170,6 +173,7 @@ for rate in $rates; do
     begin_run "$base/unify_bf16" unify; run_unify "$base/unify_bf16" 0 "${unify_sets[@]}" unify.compress=bf16; end_run "$base/unify_bf16"
     echo "$me: $model at $rate: [3/5] DDP"
     begin_run "$base/ddp" ddp; run_ddp "$base/ddp" 0 "${sets[@]}"; end_run "$base/ddp"
+    [ "$flower" = 1 ] || continue
     echo "$me: $model at $rate: [4/5] Flower, deployment engine"
     begin_run "$base/flower" flower; run_flower "$base/flower" "$flower_rounds" 0 "${flower_sets[@]}"; end_run "$base/flower"
     echo "$me: $model at $rate: [5/5] Flower, legacy API"
@@ -182,15 +186,17 @@ if [ "$tta" = 1 ]; then
   tta_sets=(train.threads=1 train.max_rounds=10)  # the whole V split; each stops at the target
   echo "$me: time to $target test accuracy, V split, $tta_rate: [1/3] unify-dist avg"
   begin_run "$out/tta/unify" unify; run_unify "$out/tta/unify" "$target" "${tta_sets[@]}"; end_run "$out/tta/unify"
-  echo "$me: time to $target: [2/3] Flower, deployment engine"
-  begin_run "$out/tta/flower" flower; run_flower "$out/tta/flower" 10 "$target" "${tta_sets[@]}"; end_run "$out/tta/flower"
+  if [ "$flower" = 1 ]; then
+    echo "$me: time to $target: [2/3] Flower, deployment engine"
+    begin_run "$out/tta/flower" flower; run_flower "$out/tta/flower" 10 "$target" "${tta_sets[@]}"; end_run "$out/tta/flower"
+  fi
   echo "$me: time to $target: [3/3] DDP"
   begin_run "$out/tta/ddp" ddp; run_ddp "$out/tta/ddp" "$target" "${tta_sets[@]}"; end_run "$out/tta/ddp"
 fi
 
 if [ "$lora" = 1 ]; then  # its own 5 hosts (namespaces udl_links_*), its rows in this run's directory and summary
   echo "$me: LoRA case: a LLaMA-7B-shaped adapter, 4 owners, unify-dist against the link's floor and Flower (adapter only)"
-  OUT="$out" SUMMARY= ROUNDS="$lora_rounds" PYTHON="$python" FLWR_DIR="$flwr_dir" launch/netns_bench_lora_links.sh
+  OUT="$out" SUMMARY= FLOWER="$flower" ROUNDS="$lora_rounds" PYTHON="$python" FLWR_DIR="$flwr_dir" launch/netns_bench_lora_links.sh
 fi
 
 # matplotlib (for the plot) lives in the same side folder as flwr.

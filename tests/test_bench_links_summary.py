@@ -24,7 +24,9 @@ def _unify(path: Path) -> None:
     """Rounds start at 100, 110, 120 (the last is only an end); training 6 s on owner 0, 7 s on owner 1."""
     clocks = [[{"round": r + 1, "train_start": 100 + 10 * r + o * 0.5, "train_end": 106 + 10 * r + o} for r in range(3)] for o in (0, 1)]
     metrics = [{"round": r + 1, "unified_test_acc": 0.5 + 0.2 * r, "time": 108 + 10 * r,
-                "owners": [{"unify_s": 1.0, "unify_bytes": 900}, {"unify_s": 1.5, "unify_bytes": 900}]} for r in range(3)]  # fmt: skip
+                "owners": [{"unify_s": 1.0, "unify_bytes": 900, "train_s": 6.0, "eval_s": 0.5, "round_s": 10.0},
+                           {"unify_s": 1.5, "unify_bytes": 900, "train_s": 6.5, "eval_s": 0.6, "round_s": 10.0}]}
+               for r in range(3)]  # fmt: skip
     tx = {0: [(100, 0), (110, 2000), (120, 4000)], 1: [(100, 0), (120, 1000)]}
     _run(path, "unify", 90.0, {"clock_rank0.jsonl": clocks[0], "clock_rank1.jsonl": clocks[1], "metrics.jsonl": metrics}, tx)
 
@@ -73,6 +75,8 @@ def test_flower_and_ddp_figures_and_the_ratios(tmp_path: Path) -> None:
     assert tta["flower"]["launch_to_target_s"] == pytest.approx(140 - 95)
     assert tta["ddp"]["training_to_target_s"] == pytest.approx(190 - 100)
     assert result["time_to_accuracy_ratios"]["tta_unify_over_ddp"] == pytest.approx(38 / 98)
+    assert tta["unify"]["parts"][2] == {"train_s": [6.0, 6.5], "eval_s": [0.5, 0.6], "unify_s": [1.0, 1.5], "round_s": [10.0, 10.0]}
+    assert tta["ddp"]["parts"][0] == {"train_s": 25.0, "rest_s": 5.0}  # started 100, record at 130
 
 
 def test_modes_summary_times_each_mode_against_the_first_and_reads_idle_fractions(tmp_path: Path) -> None:

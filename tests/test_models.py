@@ -154,3 +154,52 @@ def test_builtin_conv_models_are_channels_last_unless_told_otherwise():
         assert fast(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     tabular = build_model(ModelConfig(name="mlp"), (30,), 2)  # no convolution: nothing to change
     assert all(p.is_contiguous() for p in tabular.parameters())
+
+
+def _paper_order(cnn: nn.Module) -> nn.Module:
+    """The same layers and weights in the paper's order, conv, ReLU, pool: the reference for pool-then-ReLU."""
+    import copy
+
+    ref = copy.deepcopy(cnn)
+    f = ref.features
+    assert [type(m) for m in f] == [nn.Conv2d, nn.MaxPool2d, nn.ReLU] * 2  # what the reorder claims to change
+    ref.features = nn.Sequential(f[0], f[2], f[1], f[3], f[5], f[4])
+    return ref
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_paper_cnn_pools_before_relu_with_the_same_bits_as_the_papers_order(channels_last):
+    torch.manual_seed(3)
+    cnn = build_model(ModelConfig(name="paper_cnn", channels_last=channels_last), (1, 28, 28), 10)
+    ref = _paper_order(cnn)
+    # Images as the data sets have them: a zero background, where every window ties (conv output = bias),
+    # and with one bias forced negative and one positive, so both sides of the ReLU meet the ties.
+    x = torch.relu(torch.randn(96, 1, 28, 28)) * (torch.rand(96, 1, 28, 28) < 0.3)
+    y = torch.randint(0, 10, (96,))
+    for m in (cnn, ref):
+        with torch.no_grad():
+            m.features[0].bias[:2] = torch.tensor([-0.05, 0.05])
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (cnn, ref)]
+    for step in range(6):  # gradients and Adam's steps: the weights stay the same bits
+        batch = slice(16 * step, 16 * step + 16)
+        for m, opt in zip((cnn, ref), opts):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[batch]), y[batch]).backward()
+        for a, b in zip(cnn.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), f"step {step}"
+        for opt in opts:
+            opt.step()
+    for a, b in zip(cnn.state_dict().values(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    cnn.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.equal(cnn(x), ref(x))
+    assert list(cnn.state_dict()) == list(ref.state_dict())  # checkpoints of either order load in the other
+
+
+def test_pool_relu_benchmark_runs_and_keeps_both_orders_equal(capsys):
+    from benchmarks.pool_relu import main
+
+    assert main(["--repeats", "1", "--steps", "2"]) == 0  # 1: the two orders' weights parted
+    out = capsys.readouterr().out
+    assert "weights still equal: True" in out and out.count("ratio") == 2

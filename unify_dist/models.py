@@ -44,14 +44,20 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 
 class PaperCNN(nn.Module):
-    """The paper's CNN: two conv+ReLU+max-pool blocks, then two linear layers (225,034 weights on 28x28)."""
+    """The paper's CNN: two conv+ReLU+max-pool blocks, then two linear layers (225,034 weights on 28x28).
+
+    Each block pools before its ReLU: max(relu(a), relu(b)) = relu(max(a, b)) exactly (ReLU never reorders
+    values, and a pooled window's winner is the same), so outputs and gradients are the same bits as conv,
+    ReLU, pool (tests/test_models.py), and the ReLU and its backward touch a quarter of the values
+    (docs/performance.md has the speed-up). The parameters' names are the same either way.
+    """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, hidden: int = 128):
         super().__init__()
         channels, height, width = in_shape
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
         )  # fmt: skip
         rows, cols = (((side - 2) // 2 - 2) // 2 for side in (height, width))
         self.classifier = nn.Sequential(
