@@ -94,7 +94,7 @@ def test_overlap_through_the_program_resumes_bit_identical(tmp_path: Path, data_
     base = ["train", "--config", "configs/demo_cpu.toml", "--set", "data.train_per_owner=600", "--set",
             "data.test_size=400", "--set", "train.threads=1", "--set", "output.progress=false", "--set",
             "unify.overlap=true", "--set", "unify.outer=nesterov", "--set", "train.local_steps=6",
-            "--set", "unify.normalize_steps=true"]  # fmt: skip
+            "--set", "unify.normalize_steps=true", "--set", "unify.overlap_start=eager"]  # fmt: skip
     for out, rounds in ((whole, 4), (cut, 2), (cut, 4)):  # the cut run stops after round 2 and resumes
         proc = merged(cli_world([*base, "--set", f"train.max_rounds={rounds}", "--set", f"output.dir={out}"], 2))
         assert proc.returncode == 0, proc.stderr[-3000:]
