@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: experiments/overlap_accuracy.sh [ENV ...]   (issue 19: what unify.overlap's one round of delay costs)
 #   For each ENV (v: configs/paper_v.toml, h: configs/paper_h.toml, hsgd: configs/h_sgd.toml; default: v h),
-#   two 30-round runs with 2 owners in epoch rounds (accuracy does not depend on timing): blocking, then
-#   unify.overlap = true.
+#   two 30-round runs with 2 owners in epoch rounds (accuracy does not depend on timing; SET can give a step
+#   budget, train.local_steps=N): blocking, then unify.overlap = true.
 #   One run at a time: each takes both cores of a 2-core CPU for 10-15 min. Prints each run's mean unified
 #   test accuracy over the last 5 rounds and the gap, and draws both curves when matplotlib is importable.
 #   Env: OUT (runs/overlap_accuracy), PYTHON (.venv/bin/python), SET (more --set key=value words, both runs),
@@ -51,7 +51,8 @@ for env in sys.argv[2:]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, c in curves.items():
         ax.plot(range(1, len(c) + 1), c, marker=".", label=f"{mode} (last 5: {last5[mode]:.2f}%)")
-    ax.set(xlabel="round", ylabel="unified test accuracy (%)", title=f"{env}: 2 owners, epoch rounds")
+    budget = os.environ.get("SET") or "epoch rounds"
+    ax.set(xlabel="round", ylabel="unified test accuracy (%)", title=f"{env}: 2 owners, {budget}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
