@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -114,12 +113,14 @@ def _model(method: str, pretrained: Path) -> nn.Module:
     return _Logits(get_peft_model(base, config))
 
 
-def _owner(rank: int, world: int, port: int, out: str, method: str, pretrained: str, cfg: dict) -> None:
+def _owner(rank: int, world: int, out: str, method: str, pretrained: str, cfg: dict) -> None:
     import unify_dist as ud
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=900))
+    # rendezvous through a file in the method's own folder: no free port to pick, so no other program on the
+    # machine can take it between the pick and the bind (a run lost an owner that way once, SIGABRT)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=900))  # fmt: skip
     torch.manual_seed(1000 * cfg["seed"] + rank)
     model = _model(method, Path(pretrained))
     ud.same_start(model)
@@ -153,11 +154,8 @@ def _owner(rank: int, world: int, port: int, out: str, method: str, pretrained: 
 
 def run_method(method: str, pretrained: Path, owners: int, cfg: dict) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         t0 = time.perf_counter()
-        mp.spawn(_owner, args=(owners, port, out, method, str(pretrained), cfg), nprocs=owners, join=True)
+        mp.spawn(_owner, args=(owners, out, method, str(pretrained), cfg), nprocs=owners, join=True)
         result = json.loads(Path(out, "rows.json").read_text())
     result["wall_s"] = time.perf_counter() - t0
     return result
