@@ -5,7 +5,10 @@
                                 time to target of each run, their ratio; a table on stdout, JSON to --out
     modes --run NAME=DIR ... --target T --out JSON [--note K=V ...]
                                 unify-dist runs in several modes (launch/netns_unequal.sh): each one's time
-                                to target, its speed-up over the first, each owner's median idle fraction
+                                to target, its speed-up over the first, each owner's median idle fraction,
+                                and how its bytes crossed the link (from DIR/link.tsv, when there is one)
+    sample DEV OUT              every 0.1 s, append "time.time() tx_bytes" of network device DEV to OUT
+                                until killed (run inside the namespace: ip netns exec NS ...)
 
 A run directory holds `launch` (the script's time.time() when it started the run), `metrics.jsonl`, and
 `output.log` (every output line prefixed by the time.time() it arrived). Times to target end at the "time"
@@ -111,6 +114,14 @@ def summary(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(_table(unify, ddp, ratio_launch, ratio_training, args.target))
+    linked = {name: m["link"] for name, m in results.items() if m["link"]}
+    if linked:
+        print("\nnode A's bytes on the link, rounds 2 on, in 1-s windows:")
+        print("| mode | busiest window | mean | windows over 1 Mbit/s |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, link in linked.items():
+            print(f"| {name} | {link['peak_mbit_1s']:.1f} Mbit/s | {link['mean_mbit']:.1f} Mbit/s | "
+                  f"{link['active_share']:.0%} of {link['windows']} |")  # fmt: skip
     print(f"summary: {args.out}")
     return 0
 
@@ -148,6 +159,37 @@ def idle_fractions(rows: list[dict]) -> list[float | None]:
     return out
 
 
+def sample(dev: str, out: Path) -> int:
+    counter = Path("/sys/class/net", dev, "statistics", "tx_bytes")
+    with out.open("a") as f:
+        while True:
+            f.write(f"{time.time():.3f} {counter.read_text().strip()}\n")
+            f.flush()
+            time.sleep(0.1)
+
+
+def link_use(samples: Path, begin: float, end: float, active_mbit: float = 1.0) -> dict | None:
+    """What node A sent over the link between `begin` and `end` (rounds 2 on), in 1-s windows: the busiest
+    window's rate, the mean rate, and the share of windows carrying more than `active_mbit` (the watch's and
+    the store's chatter is far below it): one burst per round gives a small share at the link's full rate,
+    bytes spread over the round a large share at a lower peak."""
+    if not samples.exists():
+        return None
+    points = [tuple(map(float, line.split())) for line in samples.read_text().splitlines() if len(line.split()) == 2]
+    points = [(t, b) for t, b in points if begin <= t <= end]
+    if len(points) < 20:
+        return None
+    windows, i = [], 0
+    while points[i][0] + 1.0 <= points[-1][0]:  # consecutive windows of 10 samples (about 1 s)
+        j = min(i + 10, len(points) - 1)
+        (t0, b0), (t1, b1) = points[i], points[j]
+        windows.append(8 * (b1 - b0) / (t1 - t0) / 1e6)
+        i = j
+    total = 8 * (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0]) / 1e6
+    return {"peak_mbit_1s": max(windows), "mean_mbit": total, "windows": len(windows),
+            "active_share": sum(w > active_mbit for w in windows) / len(windows)}  # fmt: skip
+
+
 def modes(args: argparse.Namespace) -> int:
     runs = dict(r.split("=", 1) for r in args.run)
     results = {}
@@ -159,6 +201,7 @@ def modes(args: argparse.Namespace) -> int:
         later = rows[1:] or rows  # round 1 pays the warm-up
         # the time this mode's round is held up by the unify, as the slowest owner sees it
         m["median_unify_s"] = statistics.median(max(o["unify_s"] for o in r["owners"]) for r in later) if later else None
+        m["link"] = link_use(run / "link.tsv", rows[0]["time"], rows[-1]["time"]) if len(rows) > 1 else None
         results[name] = m
     first = next(iter(results.values()))
     for m in results.values():
@@ -208,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--target", type=float, required=True)
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--note", action="append", default=[], metavar="KEY=VALUE", help="copied into the JSON")
+    a = sub.add_parser("sample")
+    a.add_argument("dev")
+    a.add_argument("out", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "sample":
+        return sample(args.dev, args.out)
     if args.command == "wait":
         return wait(args.metrics, args.field, args.target)
     return modes(args) if args.command == "modes" else summary(args)

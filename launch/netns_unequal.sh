@@ -7,11 +7,13 @@
 #     epochs   one local epoch each (today's rounds: the fast owner waits for the slow one)
 #     seconds  train.round_seconds=ROUND_SECONDS: every owner trains until the budget has passed
 #     overlap  seconds, plus unify.overlap: round r's unify runs while round r+1 trains
+#     paced    overlap, its transfer in FRAGMENTS pieces spread over the round (unify.overlap_fragments)
 #     weighted seconds, with weighted_avg weighing each owner by the steps it took (unify.weight_by=steps)
-#   Prints each mode's time to TARGET, its speed-up over the first mode, and each owner's median idle
-#   fraction (unify_s / round_s); writes SUMMARY. Env: RATE (100mbit), SHARE (0.33), TARGET (0.88),
-#   MODES ("epochs seconds overlap"), ROUND_SECONDS (10: about the fast owner's epoch here), OUT
-#   (runs/netns_unequal), SUMMARY (results/netns_unequal_RATE.json), PYTHON. Needs root, iproute2, tc and the
+#   Prints each mode's time to TARGET, its speed-up over the first mode, each owner's median idle fraction
+#   (unify_s / round_s), and node A's bytes on the link in 1-s windows (its veth's counter sampled every
+#   0.1 s: the busiest window, the mean, the share of windows in use); writes SUMMARY. Env: RATE (100mbit),
+#   SHARE (0.33), TARGET (0.88), MODES ("epochs seconds overlap"), FRAGMENTS (16), ROUND_SECONDS (10: about
+#   the fast owner's epoch here), OUT (runs/netns_unequal), SUMMARY (results/netns_unequal_RATE.json), PYTHON. Needs root, iproute2, tc and the
 #   cgroup v1 cpu controller; namespaces and the cgroup are removed on exit, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ source launch/netns_lib.sh
 me=netns_unequal.sh
 netns_require "$me"
 config=${1:-configs/paper_v.toml}; shift || true
-target=${TARGET:-0.88} rate=${RATE:-100mbit} share=${SHARE:-0.33} seconds=${ROUND_SECONDS:-10}
+target=${TARGET:-0.88} rate=${RATE:-100mbit} share=${SHARE:-0.33} seconds=${ROUND_SECONDS:-10} fragments=${FRAGMENTS:-16}
 out=${OUT:-runs/netns_unequal} summary=${SUMMARY:-results/netns_unequal_$rate.json}
 python=$(netns_python)
 netns_up "$me" "$rate"
@@ -33,12 +35,19 @@ for mode in ${MODES:-epochs seconds overlap}; do
     epochs) extra=() ;;
     seconds) extra=(--set "train.round_seconds=$seconds") ;;
     overlap) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true) ;;
+    paced) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true --set "unify.overlap_fragments=$fragments") ;;
     weighted) extra=(--set "train.round_seconds=$seconds" --set unify.rule=weighted_avg --set unify.weight_by=steps) ;;
-    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds, overlap or weighted" >&2; exit 2 ;;
+    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds, overlap, paced or weighted" >&2; exit 2 ;;
   esac
   echo "$me: [$mode]"
+  mkdir -p "$out" && rm -f "$out/$mode.link.tsv"
+  ip netns exec "$NETNS_A" "$python" benchmarks/time_to_accuracy.py sample ud_bench_va "$out/$mode.link.tsv" &
+  sampler=$!
   netns_run_pair "$out/$mode" "$port" unified_test_acc -m unify_dist train "${common[@]}" "${extra[@]}" \
     --set "output.dir=$out/$mode"
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  mv "$out/$mode.link.tsv" "$out/$mode/link.tsv"
   runs+=(--run "$mode=$out/$mode") port=$((port + 1))
 done
 "$python" benchmarks/time_to_accuracy.py modes "${runs[@]}" --target "$target" --out "$summary" \

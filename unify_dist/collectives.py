@@ -31,7 +31,7 @@ and is composed by unify_dist.unifier.Unifier; this module only moves and combin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -129,6 +129,9 @@ class Collective:
         # None: gloo's collectives. Else an object with all_reduce(tensor, op) and all_gather(out, tensor)
         # (SUM / MAX), e.g. unify_dist.trust.SealedRing, which every reduction and gather here goes through.
         self.reducer = None
+        # None: each all_reduce in one call. Else a callable (unify_dist.overlap's pacing) that yields the
+        # pieces of a tensor to reduce one after another, each when its time has come.
+        self.pieces: Callable[[Tensor], Iterable[Tensor]] | None = None
         # Bytes this owner puts on the wire, estimated for ring collectives (the Unifier zeroes it per unify):
         # 2 (W-1)/W of an all_reduce's buffer, (W-1) times its own part of an all_gather, (W-1)/W of an all_to_all.
         self.bytes_sent = 0
@@ -172,10 +175,11 @@ class Collective:
     def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp) -> None:
         """The collective every reduction here runs: gloo's (the default), or the reducer's."""
         self.bytes_sent += 2 * (self.world - 1) * tensor.numel() * tensor.element_size() // self.world
-        if self.reducer is None:
-            dist.all_reduce(tensor, op, group=self.group)
-        else:
-            self.reducer.all_reduce(tensor, op)
+        for piece in (tensor,) if self.pieces is None else self.pieces(tensor):
+            if self.reducer is None:
+                dist.all_reduce(piece, op, group=self.group)
+            else:
+                self.reducer.all_reduce(piece, op)
 
     def _all_gather(self, out: list[Tensor], tensor: Tensor, async_op: bool = False,
                     tag: int = 0) -> exchange.Pending | dist.Work | None:  # fmt: skip

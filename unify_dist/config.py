@@ -261,6 +261,11 @@ class UnifyConfig:
     (the owner's own weights, all its unsent progress: Streaming DiLoCo's merge), eager (the unified state
     plus 1/W of its unsent progress, its own share of the mean in flight), or unified (the unified state:
     one round stale). On label-skewed owners own drifts each owner towards its own classes."""
+    overlap_fragments: int = 1
+    """With overlap: the background unify's transfer in this many pieces, consecutive slices of the flat state
+    (groups of layers in the model's order), piece k started no earlier than k / N of 3/4 of the round just
+    trained, so the link carries a steady trickle through the round instead of one burst at its start. Same
+    values (bit for bit with 2 owners); 1: one burst."""
     weight_by: str = "data"
     """What weighted_avg weighs each owner by in the program: data (its training images, FedAvg's weighting) or
     steps (the local steps it took this round: under train.round_seconds, what it really trained on, so a
@@ -421,10 +426,16 @@ OVERLAP_STARTS = ("own", "eager", "unified")
 
 def _overlap_problems(cfg: "UnifyConfig") -> list[str]:
     """unify.overlap: the combinations it has been built and tested for, the others refused with the reason."""
+    if cfg.overlap_fragments < 1:
+        return [f"unify.overlap_fragments must be >= 1 (1: the background unify in one burst), got {cfg.overlap_fragments}"]
     if not cfg.overlap:
-        return [] if cfg.overlap_start == "own" else [
+        out = [] if cfg.overlap_start == "own" else [
             f"unify.overlap_start = '{cfg.overlap_start}' says where overlapped rounds start, and unify.overlap is off; "
             "set overlap = true, or leave overlap_start out"]  # fmt: skip
+        if cfg.overlap_fragments > 1:
+            out.append(f"unify.overlap_fragments = {cfg.overlap_fragments} spreads the background unify over the round, "
+                       "and unify.overlap is off; set overlap = true, or leave overlap_fragments out")  # fmt: skip
+        return out
     out = []
     if cfg.overlap_start not in OVERLAP_STARTS:
         out.append(choice("unify.overlap_start", cfg.overlap_start, OVERLAP_STARTS))

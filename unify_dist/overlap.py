@@ -25,6 +25,14 @@ digest check (round 2 on), or by one on the main thread (round 1). The owner's o
 between owners (each has its unsent progress) and live in this object's state until `begin_round()`.
 `finish()` waits for the last unify and leaves every owner holding it (the run's final model).
 
+With unify.overlap_fragments = N > 1 the background unify's all_reduce goes in N pieces, consecutive slices of
+the flat state (groups of layers in the model's order), piece k started no earlier than k / N of PACE_SHARE of
+the round just trained: the link carries a steady trickle through the round instead of one burst at its
+start. The sum of each element is the same sum, so the values do not change (bit for bit with 2 owners; with
+more, gloo's ring may add an element's terms in another order, and every owner still gets the same bits). An
+owner that needs the result before the pieces are through (the next round ended early, or the run ended)
+hurries them: the rest go at once.
+
 The background unify is a plain Unifier (rule, outer optimizer, normalize_steps, digest check) over a
 shadow copy of the model; its state before the unify in flight travels in checkpoints with the weights
 sent, so a resumed run starts that unify again and continues bit for bit.
@@ -47,7 +55,13 @@ from unify_dist.config import UnifyConfig
 from unify_dist.flat import FlatState
 from unify_dist.unifier import Unifier, UnifyOutcome
 
-__all__ = ["OverlappedUnifier"]
+__all__ = ["OverlappedUnifier", "PACE_SHARE"]
+
+PACE_SHARE = 0.75
+"""With overlap_fragments: the pieces' start times spread over this share of the round just trained, leaving
+the rest of the next round for the last piece to cross (the owner waits at the round's end if it has not)."""
+MIN_PIECE = 1 << 12
+"""Tensors under overlap_fragments x this many elements (integer buffers, a tiny model) go whole, at once."""
 
 
 class _Pending:
@@ -71,6 +85,31 @@ class _Pending:
             raise self.error
         assert self.outcome is not None
         return self.outcome
+
+
+class _Pace:
+    """Yields a tensor's `pieces` slices, slice k no earlier than t0 + k / pieces * seconds (then sends it), so
+    one unify's bytes spread over `seconds`; `hurry()` lets every slice not yet yielded go at once. Small
+    tensors (under pieces x MIN_PIECE elements) go whole. `started` keeps when each slice went."""
+
+    def __init__(self, pieces: int, seconds: float):
+        self.n, self.seconds, self.t0 = pieces, seconds, time.perf_counter()
+        self.hurried = threading.Event()
+        self.started: list[float] = []
+
+    def __call__(self, tensor: torch.Tensor):
+        if tensor.numel() < self.n * MIN_PIECE:
+            yield tensor
+            return
+        for k, piece in enumerate(tensor.tensor_split(self.n)):
+            delay = self.t0 + k * self.seconds / self.n - time.perf_counter()
+            if delay > 0:
+                self.hurried.wait(delay)  # returns at once once hurried
+            self.started.append(time.perf_counter() - self.t0)
+            yield piece
+
+    def hurry(self) -> None:
+        self.hurried.set()
 
 
 class OverlappedUnifier:
@@ -99,6 +138,9 @@ class OverlappedUnifier:
         self.start = (flat.values.clone(), flat.ints.clone())  # where this round's training began
         self.pending: _Pending | None = None
         self.launch: dict[str, Any] = {}  # the unify in flight: its arguments and the background state before it
+        self.fragments = cfg.overlap_fragments  # > 1: the background unify's transfer spread over the round
+        self.pace: _Pace | None = None  # the pacing of the unify in flight (fragments > 1)
+        self.began = time.perf_counter()  # when this round's training began
 
     # ------------------------------------------------------------------------------------ rounds
     def begin_round(self) -> None:
@@ -114,6 +156,7 @@ class OverlappedUnifier:
             values.copy_(self.unified[0])
         ints.copy_(self.own[1])
         _set(_pair(self.flat), self.start)
+        self.began = time.perf_counter()
 
     def unify(self, weight: float = 1.0, *, rule: str | None = None, steps: int = 0) -> UnifyOutcome:
         """Apply the previous round's unify (waiting for it if needed), start this round's, and leave the
@@ -121,8 +164,10 @@ class OverlappedUnifier:
         this call took, waiting included. A collective on the background group (and on the main group in
         the first round)."""
         t0 = time.perf_counter()
+        trained = t0 - self.began
         x, x_ints = self.flat.values, self.flat.ints
         if self.pending is not None:
+            self._hurry()  # pieces still paced out: this owner needs them now
             done = self.pending.wait()  # the only place an owner can be kept waiting
             self.pending = None
             _set(self.unified, _pair(self.shadow))
@@ -132,7 +177,7 @@ class OverlappedUnifier:
         else:  # the first round (or a run resumed with nothing in flight): the common start, proven here
             _set(_pair(self.shadow), self.unified)
             skipped, digests, sent = [], verify_identical(self.shadow), 0  # collective (main group)
-        self._start(weight, rule or self.background.rule, steps)
+        self._start(weight, rule or self.background.rule, steps, pace_s=PACE_SHARE * trained)
         _set(_pair(self.flat), self.unified)  # evaluate and checkpoint the state every owner holds
         # every rank's own digest of the applied state (the record keeps them all), and the bytes this owner sent
         return UnifyOutcome(rule or self.background.rule, skipped, digests[0], time.perf_counter() - t0,
@@ -143,18 +188,26 @@ class OverlappedUnifier:
         is left to keep: nothing trained since it started)."""
         if self.pending is None:
             return None
+        self._hurry()  # nothing trains any more: no reason to spread the bytes
         done = self.pending.wait()
         self.pending = None
         for pair in (self.own, self.unified, _pair(self.flat)):
             _set(pair, _pair(self.shadow))
         return done
 
-    def _start(self, weight: float, rule: str, steps: int) -> None:
-        """Send this owner's current weights: s = x, the background unify of s starts."""
+    def _start(self, weight: float, rule: str, steps: int, pace_s: float = 0.0) -> None:
+        """Send this owner's current weights: s = x, the background unify of s starts (its transfer spread
+        over pace_s seconds when overlap_fragments > 1)."""
         for pair in (self.own, self.sent, _pair(self.shadow)):
             _set(pair, _pair(self.flat))
+        self.pace = _Pace(self.fragments, pace_s) if self.fragments > 1 else None
+        self.core.pieces = self.pace
         self.launch = {"state": _cloned(self.background.state_dict()), "weight": weight, "rule": rule, "steps": steps}
         self.pending = _Pending(self.background.unify, weight, rule=rule, steps=steps)
+
+    def _hurry(self) -> None:
+        if self.pace is not None:
+            self.pace.hurry()
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -177,6 +230,8 @@ class OverlappedUnifier:
             self.background.load_state_dict(self.launch["state"])
             _set(_pair(self.shadow), self.sent)
             launch = self.launch
+            self.pace = _Pace(self.fragments, 0.0) if self.fragments > 1 else None  # the same pieces, sent at once
+            self.core.pieces = self.pace
             self.pending = _Pending(self.background.unify, launch["weight"], rule=launch["rule"], steps=launch["steps"])
 
 
