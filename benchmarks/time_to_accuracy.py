@@ -70,6 +70,7 @@ def measure(run: Path, acc: str, step: str, target: float, started: float | None
         f"{step}s_run": len(rows),
         "best_test_acc": max((r[acc] for r in rows), default=None),
         "test_accs": [round(r[acc], 4) for r in rows],
+        "last5_test_acc": sum(r[acc] for r in rows[-5:]) / len(rows[-5:]) if rows else None,
     }
     if hit is not None:
         result.update({

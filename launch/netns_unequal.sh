@@ -7,6 +7,7 @@
 #     epochs   one local epoch each (today's rounds: the fast owner waits for the slow one)
 #     seconds  train.round_seconds=ROUND_SECONDS: every owner trains until the budget has passed
 #     overlap  seconds, plus unify.overlap: round r's unify runs while round r+1 trains
+#     damped   overlap from the unified state with an outer sgd step of lr 0.5 (for label-skewed owners)
 #     paced    overlap, its transfer in FRAGMENTS pieces spread over the round (unify.overlap_fragments)
 #     weighted seconds, with weighted_avg weighing each owner by the steps it took (unify.weight_by=steps)
 #   Prints each mode's time to TARGET, its speed-up over the first mode, each owner's median idle fraction
@@ -35,9 +36,11 @@ for mode in ${MODES:-epochs seconds overlap}; do
     epochs) extra=() ;;
     seconds) extra=(--set "train.round_seconds=$seconds") ;;
     overlap) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true) ;;
+    damped) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true --set unify.overlap_start=unified
+      --set unify.outer=sgd --set unify.outer_lr=0.5 --set unify.outer_momentum=0) ;;
     paced) extra=(--set "train.round_seconds=$seconds" --set unify.overlap=true --set "unify.overlap_fragments=$fragments") ;;
     weighted) extra=(--set "train.round_seconds=$seconds" --set unify.rule=weighted_avg --set unify.weight_by=steps) ;;
-    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds, overlap, paced or weighted" >&2; exit 2 ;;
+    *) echo "$me: unknown mode '$mode' in MODES; use epochs, seconds, overlap, damped, paced or weighted" >&2; exit 2 ;;
   esac
   echo "$me: [$mode]"
   mkdir -p "$out" && rm -f "$out/$mode.link.tsv"

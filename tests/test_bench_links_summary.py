@@ -93,6 +93,9 @@ def test_modes_summary_times_each_mode_against_the_first_and_reads_idle_fraction
         return run
 
     epochs, seconds = mode("epochs", [0.5, 0.8, 0.9], 5.0, 10.0), mode("seconds", [0.85, 0.9], 0.1, 10.0)
+    # node A's counter every 0.1 s from round 1's end (110) to round 2's (120): 12.5 MB in the first second
+    samples = [(110 + k / 10, min(k, 10) * 1_250_000) for k in range(101)]
+    (seconds / "link.tsv").write_text("".join(f"{t:.1f} {b}\n" for t, b in [(105.0, 0), *samples, (125.0, 9e9)]))
     out = tmp_path / "modes.json"
     assert main(["modes", "--run", f"epochs={epochs}", "--run", f"seconds={seconds}", "--target", "0.88", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
@@ -102,6 +105,11 @@ def test_modes_summary_times_each_mode_against_the_first_and_reads_idle_fraction
     assert runs["seconds"]["training_to_target_s"] == pytest.approx(25.0)  # from 'owner data:' at 95
     assert runs["epochs"]["idle_by_owner"] == pytest.approx([0.5, 0.0])  # rounds 2.. only
     assert runs["epochs"]["median_unify_s"] == pytest.approx(5.0)
+    assert runs["epochs"]["link"] is None  # no samples
+    link = runs["seconds"]["link"]  # samples outside rounds 2.. left out
+    assert link["peak_mbit_1s"] == pytest.approx(100.0) and link["mean_mbit"] == pytest.approx(10.0)
+    assert link["windows"] == 10 and link["active_share"] == pytest.approx(0.1)
+    assert runs["seconds"]["last5_test_acc"] == pytest.approx(0.875)
 
 
 def _lora_unify(path: Path, dtype: str, unify_s: float) -> None:
