@@ -6,6 +6,8 @@
 #   One run at a time: each takes both cores of a 2-core CPU for 10-15 min. Prints each run's mean unified
 #   test accuracy over the last 5 rounds and the gap, and draws both curves when matplotlib is importable.
 #   Env: OUT (runs/overlap_accuracy), PYTHON (.venv/bin/python), SET (more --set key=value words, both runs),
+#   OVERLAP_SET (--set words for the overlapped run only, e.g. the damped setting for label skew:
+#   "unify.overlap_start=unified unify.outer=sgd unify.outer_lr=0.5 unify.outer_momentum=0"),
 #   SUMMARY_ONLY=1 (run nothing: summarise OUT/<env>_blocking and OUT/<env>_overlap already there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,15 +18,18 @@ envs=("$@")
 [ ${#envs[@]} -gt 0 ] || envs=(v h)
 extra=()
 for kv in ${SET:-}; do extra+=(--set "$kv"); done
+overlap_extra=()
+for kv in ${OVERLAP_SET:-}; do overlap_extra+=(--set "$kv"); done
 for env in "${envs[@]}"; do
   [ "${SUMMARY_ONLY:-0}" = 1 ] && break
   case $env in v) config=configs/paper_v.toml ;; h) config=configs/paper_h.toml ;; hsgd) config=configs/h_sgd.toml ;;
     *) echo "overlap_accuracy: unknown environment '$env'; give v, h or hsgd" >&2; exit 2 ;; esac
   for mode in blocking overlap; do
-    overlap=false; [ "$mode" = overlap ] && overlap=true
+    overlap=false only=()
+    [ "$mode" = overlap ] && overlap=true only=("${overlap_extra[@]}")
     "$python" -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config "$config" \
       --set unify.overlap=$overlap --set output.progress=false --set output.resume=false \
-      --set output.dir="$out/${env}_$mode" "${extra[@]}" >"$out/${env}_$mode.log" 2>&1
+      --set output.dir="$out/${env}_$mode" "${extra[@]}" "${only[@]}" >"$out/${env}_$mode.log" 2>&1
   done
 done
 "$python" - "$out" "${envs[@]}" <<'PY'

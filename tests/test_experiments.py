@@ -72,3 +72,22 @@ def test_reproduce_passes_set_values_to_every_run(tmp_path: Path) -> None:
     for job in jobs:
         i = job.command.index("model.channels_last=false")
         assert job.command[i - 1] == "--set" and job.command.index(f"output.dir={job.out_dir}") > i
+
+
+def test_overlap_gap_pairs_seeds_and_gives_the_mean_gap_with_its_interval(tmp_path: Path, capsys) -> None:
+    from experiments import overlap_gap
+
+    def run(name: str, accs: list[float]) -> Path:
+        _write_run(tmp_path / name, accs, {})
+        return tmp_path / name / "metrics.jsonl"
+
+    # last 2 rounds: seed 0 blocking 0.80, overlap 0.81 (+1); seed 1 blocking 0.70, overlap 0.67 (-3)
+    pairs = [f"{run('b0', [0.1, 0.8, 0.8])}:{run('o0', [0.9, 0.82, 0.80])}",
+             f"{run('b1', [0.5, 0.7, 0.7])}:{run('o1', [0.5, 0.66, 0.68])}"]  # fmt: skip
+    assert overlap_gap.main([*pairs, "--last", "2"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert "80.00 / 81.00 (+1.00)" in rows[2] and "70.00 / 67.00 (-3.00)" in rows[3]
+    assert "-1.00 (se 2.00; 95% -26.42 to +24.42)" in rows[4]  # t with 1 degree of freedom: 12.71
+    assert overlap_gap.main([pairs[0].replace(":", " ")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BLOCKING.jsonl:OVERLAP.jsonl" in err[0]

@@ -26,6 +26,7 @@ def test_owners_own_weights_average_to_the_final_model(tmp_path: Path, data_root
             "--set", f"output.dir={out}"]  # fmt: skip
     proc = merged(cli_world(args, 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the one-round-late update then oscillates" in proc.stdout  # defaults: the advice for label-skewed owners
 
     found = overlap_starts.starts(out, 2)
     assert not isinstance(found, str), found
