@@ -115,14 +115,6 @@ def summary(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(_table(unify, ddp, ratio_launch, ratio_training, args.target))
-    linked = {name: m["link"] for name, m in results.items() if m["link"]}
-    if linked:
-        print("\nnode A's bytes on the link, rounds 2 on, in 1-s windows:")
-        print("| mode | busiest window | mean | windows over 1 Mbit/s |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, link in linked.items():
-            print(f"| {name} | {link['peak_mbit_1s']:.1f} Mbit/s | {link['mean_mbit']:.1f} Mbit/s | "
-                  f"{link['active_share']:.0%} of {link['windows']} |")  # fmt: skip
     print(f"summary: {args.out}")
     return 0
 
@@ -230,6 +222,14 @@ def modes(args: argparse.Namespace) -> int:
             continue
         print(f"| {name} | {m['launch_to_target_s']:.1f} s | {m['training_to_target_s'] or 0:.1f} s | "
               f"{m['rounds_to_target']} | {m['speed_up_launch'] or 0:.2f}x | {idle} | {unify_s} |")  # fmt: skip
+    linked = {name: m["link"] for name, m in results.items() if m["link"]}
+    if linked:
+        print("\nnode A's bytes on the link, rounds 2 on, in 1-s windows:")
+        print("| mode | busiest window | mean | windows over 1 Mbit/s |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, link in linked.items():
+            print(f"| {name} | {link['peak_mbit_1s']:.1f} Mbit/s | {link['mean_mbit']:.1f} Mbit/s | "
+                  f"{link['active_share']:.0%} of {link['windows']} |")  # fmt: skip
     print(f"summary: {args.out}")
     return 0
 

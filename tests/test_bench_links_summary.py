@@ -148,3 +148,22 @@ def test_the_lora_case_sets_each_unify_against_the_links_floor_and_flower(tmp_pa
     ratios = result["overhead_ratios"]["lora7b_100mbit"]
     assert ratios["overhead_unify_over_flower"] == pytest.approx(5.2 / 13.0)
     assert "overhead_unify_ffa_over_flower" not in ratios  # no lora_ffa run here
+
+
+def test_ddp_summary_sets_unify_dist_against_ddp(tmp_path: Path, capsys) -> None:
+    """benchmarks/time_to_accuracy.py summary (launch/netns_time_to_accuracy.sh's): each one's time to target."""
+    from benchmarks.time_to_accuracy import main
+
+    _unify(tmp_path / "unify")  # rounds end at 108, 118, 128 with 0.5, 0.7, 0.9; launched at 90
+    (tmp_path / "unify" / "output.log").write_text("95.0 owner data: 2 owners\n")
+    epochs = [{"epoch": e + 1, "test_acc": 0.8 + 0.05 * e, "time": 150 + 30 * e, "started": 100.0, "train_s": 28.0}
+              for e in range(3)]  # fmt: skip
+    _run(tmp_path / "ddp", "ddp", 90.0, {"metrics.jsonl": epochs}, {})
+    out = tmp_path / "summary.json"
+    assert main(["summary", "--unify", str(tmp_path / "unify"), "--ddp", str(tmp_path / "ddp"), "--target", "0.88",
+                 "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["unify"]["launch_to_target_s"] == pytest.approx(38.0)  # round 3 at 128
+    assert result["ddp"]["launch_to_target_s"] == pytest.approx(120.0)  # epoch 3 (0.90) at 210
+    assert result["ratio_launch_to_target"] == pytest.approx(38 / 120)
+    assert "summary:" in capsys.readouterr().out
