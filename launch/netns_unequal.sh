@@ -51,6 +51,11 @@ for mode in ${MODES:-epochs seconds overlap}; do
   kill "$sampler" 2>/dev/null || true
   wait "$sampler" 2>/dev/null || true
   mv "$out/$mode.link.tsv" "$out/$mode/link.tsv"
+  if [ ! -s "$out/$mode/metrics.jsonl" ]; then  # a run that never finished a round: its own error says why
+    echo "$me: [$mode] ended before its first round; its output: $out/$mode/output.log" >&2
+    grep -m1 "error:" "$out/$mode/output.log" >&2 || true
+    exit 1
+  fi
   runs+=(--run "$mode=$out/$mode") port=$((port + 1))
 done
 "$python" benchmarks/time_to_accuracy.py modes "${runs[@]}" --target "$target" --out "$summary" \
