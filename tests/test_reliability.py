@@ -203,9 +203,10 @@ def test_nan_owner_through_the_cli(tmp_path: Path, data_root: Path, policy: str)
 
 
 def _disagreeing_owners(rank: int, world: int) -> str:
-    """Rank 1 picks another rule, rank 2 another architecture: every rank must refuse, naming both."""
-    rule, hidden = ("max" if rank == 1 else "avg"), (64 if rank == 2 else 128)
-    cfg = RunConfig(unify=UnifyConfig(rule=rule), model=ModelConfig(hidden=hidden))
+    """Rank 1 picks another rule and sends overlap's unify in pieces, rank 2 another architecture: every rank
+    must refuse, naming all three."""
+    rule, hidden, pieces = ("max" if rank == 1 else "avg"), (64 if rank == 2 else 128), (4 if rank == 1 else 1)
+    cfg = RunConfig(unify=UnifyConfig(rule=rule, overlap_fragments=pieces), model=ModelConfig(hidden=hidden))
     model = build_model(cfg.model, 1, 10, 28)
     try:
         check_consistency(fingerprint(cfg, model, [str(c) for c in range(10)]), world)
@@ -219,6 +220,7 @@ def test_owners_that_disagree_are_stopped_on_every_rank() -> None:
     assert len(set(messages)) == 1, messages  # the same verdict everywhere
     assert "'unify.rule' differs: rank 0 has 'avg', rank(s) [1] have 'max'" in messages[0]
     assert "'model architecture' differs" in messages[0] and "rank(s) [2]" in messages[0]
+    assert "'unify.overlap_fragments' differs: rank 0 has 1, rank(s) [1] have 4" in messages[0]
 
 
 def test_owners_that_agree_start() -> None:

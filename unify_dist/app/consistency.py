@@ -49,6 +49,9 @@ def fingerprint(cfg: RunConfig, model: nn.Module, classes: list[str]) -> dict[st
         ARCHITECTURE: structure(model),
         "unify.rule": cfg.unify.rule,
         "unify.compare": list(cfg.unify.compare),
+        # these two change which collectives a round runs: owners that differ would wait on each other forever
+        "unify.overlap": cfg.unify.overlap,
+        "unify.overlap_fragments": cfg.unify.overlap_fragments,
         "train.max_rounds": cfg.train.max_rounds,
         "train.local_epochs": cfg.train.local_epochs,
         "train.seed": cfg.train.seed,
