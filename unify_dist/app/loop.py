@@ -199,7 +199,7 @@ def _announce(cfg: RunConfig, ctx: Context, out: Reporter, procs: Procs) -> None
     if u.overlap and u.overlap_start != "unified" and u.outer == "none" and u.server_momentum == 0:
         out.info(f"overlap: rounds start from the owner's {'own weights' if u.overlap_start == 'own' else 'eager start'} "
                  "with no outer step; on label-skewed owners the one-round-late update then oscillates (paper H: "
-                 "-11.6 points); there use overlap_start = 'unified', outer = 'sgd', outer_lr = 0.5, outer_momentum = 0")  # fmt: skip
+                 "-11.6 points); there use overlap_start = 'unified', outer = 'sgd', outer_lr = 0.25, outer_momentum = 0")  # fmt: skip
     if u.dp_noise_multiplier > 0:
         releases = _releases_per_round(cfg)
         out.info(dp_statement(u.dp_noise_multiplier, u.update_norm_bound, u.dp_delta, releases, cfg.train.max_rounds))
