@@ -88,6 +88,9 @@ def test_overlap_gap_pairs_seeds_and_gives_the_mean_gap_with_its_interval(tmp_pa
     rows = capsys.readouterr().out.strip().splitlines()
     assert "80.00 / 81.00 (+1.00)" in rows[2] and "70.00 / 67.00 (-3.00)" in rows[3]
     assert "-1.00 (se 2.00; 95% -26.42 to +24.42)" in rows[4]  # t with 1 degree of freedom: 12.71
+    mean, se, half = overlap_gap.interval([float(i) for i in range(11)])  # stdev sqrt(11): se 1
+    assert (mean, round(se, 6), half) == (5.0, 1.0, 2.23)  # 10 degrees of freedom: t 2.23, not the normal 1.96
+    assert overlap_gap.interval([0.0, 2.0] * 20)[2] == pytest.approx(2.04 * (40 / 39) ** 0.5 / 40 ** 0.5)  # 30 and more: 2.04
     assert overlap_gap.main([pairs[0].replace(":", " ")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "BLOCKING.jsonl:OVERLAP.jsonl" in err[0]
