@@ -8,7 +8,9 @@
 #   Env: OUT (runs/overlap_accuracy), PYTHON (.venv/bin/python), SET (more --set key=value words, both runs),
 #   OVERLAP_SET (--set words for the overlapped run only, e.g. the damped setting for label skew:
 #   "unify.overlap_start=unified unify.outer=sgd unify.outer_lr=0.5 unify.outer_momentum=0"),
-#   SUMMARY_ONLY=1 (run nothing: summarise OUT/<env>_blocking and OUT/<env>_overlap already there).
+#   SEEDS (e.g. "0 1 2": one pair per seed, train.seed=N, in OUT/<env>_seedN_{blocking,overlap}, then the mean
+#   gap over the seeds with its 95% interval from experiments.overlap_gap; one seed's gap says little on H),
+#   SUMMARY_ONLY=1 (run nothing: summarise the runs already in OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/overlap_accuracy} python=${PYTHON:-.venv/bin/python}
@@ -20,18 +22,40 @@ extra=()
 for kv in ${SET:-}; do extra+=(--set "$kv"); done
 overlap_extra=()
 for kv in ${OVERLAP_SET:-}; do overlap_extra+=(--set "$kv"); done
+tags=("")  # one pair per environment, the config's seed; with SEEDS one per seed
+if [ -n "${SEEDS:-}" ]; then
+  tags=()
+  for seed in $SEEDS; do
+    [[ $seed =~ ^[0-9]+$ ]] || { echo "overlap_accuracy: SEEDS holds '$seed'; give whole numbers, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+    tags+=("_seed$seed")
+  done
+fi
 for env in "${envs[@]}"; do
-  [ "${SUMMARY_ONLY:-0}" = 1 ] && break
   case $env in v) config=configs/paper_v.toml ;; h) config=configs/paper_h.toml ;; hsgd) config=configs/h_sgd.toml ;;
     *) echo "overlap_accuracy: unknown environment '$env'; give v, h or hsgd" >&2; exit 2 ;; esac
-  for mode in blocking overlap; do
-    overlap=false only=()
-    [ "$mode" = overlap ] && overlap=true only=("${overlap_extra[@]}")
-    "$python" -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config "$config" \
-      --set unify.overlap=$overlap --set output.progress=false --set output.resume=false \
-      --set output.dir="$out/${env}_$mode" "${extra[@]}" "${only[@]}" >"$out/${env}_$mode.log" 2>&1
+  [ "${SUMMARY_ONLY:-0}" = 1 ] && continue
+  for tag in "${tags[@]}"; do
+    seed=()
+    [ -n "$tag" ] && seed=(--set "train.seed=${tag#_seed}")
+    for mode in blocking overlap; do
+      overlap=false only=()
+      [ "$mode" = overlap ] && overlap=true only=("${overlap_extra[@]}")
+      echo "overlap_accuracy: $(date +%T) $env$tag $mode" >&2
+      "$python" -m torch.distributed.run --standalone --nproc_per_node=2 -m unify_dist train --config "$config" \
+        --set unify.overlap=$overlap --set output.progress=false --set output.resume=false \
+        --set output.dir="$out/$env${tag}_$mode" "${seed[@]}" "${extra[@]}" "${only[@]}" >"$out/$env${tag}_$mode.log" 2>&1
+    done
   done
 done
+if [ -n "${SEEDS:-}" ]; then  # paired over the seeds
+  for env in "${envs[@]}"; do
+    pairs=()
+    for tag in "${tags[@]}"; do pairs+=("$out/$env${tag}_blocking/metrics.jsonl:$out/$env${tag}_overlap/metrics.jsonl"); done
+    echo "$env:"
+    "$python" -m experiments.overlap_gap "${pairs[@]}"
+  done
+  exit
+fi
 "$python" - "$out" "${envs[@]}" <<'PY'
 import json, os, statistics, sys
 out = sys.argv[1]

@@ -5,6 +5,9 @@ tested end to end elsewhere; here they are written by hand, in the format the lo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,24 @@ def test_reproduce_passes_set_values_to_every_run(tmp_path: Path) -> None:
     for job in jobs:
         i = job.command.index("model.channels_last=false")
         assert job.command[i - 1] == "--set" and job.command.index(f"output.dir={job.out_dir}") > i
+
+
+def test_overlap_accuracy_script_pairs_the_runs_of_each_seed(tmp_path: Path) -> None:
+    """experiments/overlap_accuracy.sh with SEEDS: each seed's blocking and overlapped run, paired by overlap_gap
+    (SUMMARY_ONLY: the runs are hand-made here; the script's training commands are the program's own)."""
+    for seed, (b, o) in enumerate([(0.80, 0.81), (0.70, 0.67)]):
+        _write_run(tmp_path / f"h_seed{seed}_blocking", [0.1, b], {})
+        _write_run(tmp_path / f"h_seed{seed}_overlap", [0.1, o], {})
+    script = Path(__file__).parents[1] / "experiments" / "overlap_accuracy.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "SUMMARY_ONLY": "1", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script), "h"], env={**env, "SEEDS": "0 1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "h_seed0_blocking" in done.stdout and "h_seed1_blocking" in done.stdout
+    assert "| mean gap over 2 | -0.50 (se 1.00;" in done.stdout  # both rounds: gaps +0.50 and -1.50
+    wrong = subprocess.run(["bash", str(script), "h"], env={**env, "SEEDS": "0 x"}, capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "SEEDS" in wrong.stderr
+    missing = subprocess.run(["bash", str(script), "h"], env={**env, "SEEDS": "0 2"}, capture_output=True, text=True)
+    assert missing.returncode == 2 and "h_seed2_blocking" in missing.stderr
 
 
 def test_overlap_gap_pairs_seeds_and_gives_the_mean_gap_with_its_interval(tmp_path: Path, capsys) -> None:
